@@ -1,0 +1,14 @@
+//! The node agent of the mesh: one per node, it captures its workloads' connections through
+//! eBPF and relays them.
+//!
+//! - [`workload`]: the node's view of the mesh, from the cluster file;
+//! - [`ebpf`]: the kernel programs: load, attach, pin, enrol, original destinations;
+//! - [`proxy`]: where connections are accepted and forwarded;
+//! - [`agent`]: one node's agent, tying them together;
+//! - [`netns`]: sockets inside workloads' network namespaces.
+
+pub mod agent;
+pub mod ebpf;
+pub mod netns;
+pub mod proxy;
+pub mod workload;

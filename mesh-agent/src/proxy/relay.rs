@@ -1,0 +1,55 @@
+//! Moving bytes between the two legs of a connection, counting them.
+
+use std::io;
+
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+
+const BUFFER_SIZE: usize = 64 * 1024;
+
+/// Bytes moved, from the point of view of the captured client.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Transferred {
+    /// Client to destination.
+    pub sent: u64,
+    /// Destination to client.
+    pub received: u64,
+}
+
+/// Copies both ways until both sides have finished sending, passing half-closes through. The
+/// counts are kept even when the relay ends in an error.
+pub async fn relay(client: &mut TcpStream, upstream: &mut TcpStream) -> (Transferred, io::Result<()>) {
+    let mut transferred = Transferred::default();
+    let (mut client_rx, mut client_tx) = client.split();
+    let (mut upstream_rx, mut upstream_tx) = upstream.split();
+    let result = tokio::try_join!(
+        pump(&mut client_rx, &mut upstream_tx, &mut transferred.sent),
+        pump(&mut upstream_rx, &mut client_tx, &mut transferred.received),
+    )
+    .map(|_| ());
+    (transferred, result)
+}
+
+async fn pump<R, W>(from: &mut R, to: &mut W, count: &mut u64) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; BUFFER_SIZE];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            return finish_sending(to).await;
+        }
+        to.write_all(&buf[..n]).await?;
+        *count += n as u64;
+    }
+}
+
+/// Passes an end-of-stream on; the other side having gone already is not an error.
+async fn finish_sending<W: AsyncWrite + Unpin>(to: &mut W) -> io::Result<()> {
+    match to.shutdown().await {
+        Err(err) if err.kind() == io::ErrorKind::NotConnected => Ok(()),
+        other => other,
+    }
+}

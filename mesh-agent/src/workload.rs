@@ -1,0 +1,355 @@
+//! The node's view of the mesh: nodes and their workloads, read from the cluster file.
+//!
+//! The schema is documented in docs/cluster-file.md. Every problem is reported with the file, the
+//! line and the field, and the whole file is rejected: a half-read mesh is worse than none.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    fmt,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Deserializer, de::Error as _};
+
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Cluster {
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: Name,
+    #[serde(deserialize_with = "nodes_without_conflicts")]
+    pub nodes: Vec<Node>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Node {
+    pub name: Name,
+    #[serde(default)]
+    pub addresses: Vec<IpAddr>,
+    /// The cgroup v2 directory whose subtree holds this node's pods; capture attaches here.
+    pub workload_cgroup: PathBuf,
+    #[serde(default)]
+    pub excluded_ports: Vec<u16>,
+    #[serde(default, deserialize_with = "workloads_without_duplicates")]
+    pub workloads: Vec<Workload>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Workload {
+    pub name: Name,
+    #[serde(default = "default_name")]
+    pub namespace: Name,
+    #[serde(default = "default_name")]
+    pub service_account: Name,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(deserialize_with = "at_least_one_ip")]
+    pub ips: Vec<IpAddr>,
+    pub netns: PathBuf,
+    pub cgroup: PathBuf,
+}
+
+/// A lowercase RFC 1123 label (Kubernetes names): the pieces of SPIFFE IDs and log fields.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[serde(try_from = "String")]
+pub struct Name(String);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterFileError {
+    #[error("cannot read cluster file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{path}: {message}")]
+    InvalidNoLocation { path: PathBuf, message: String },
+    #[error("{path}: node {node:?} is not in the cluster file (nodes: {known})")]
+    UnknownNode {
+        path: PathBuf,
+        node: String,
+        known: String,
+    },
+}
+
+impl Cluster {
+    pub fn load(path: &Path) -> Result<Self, ClusterFileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ClusterFileError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses the text of a cluster file; `path` only names it in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ClusterFileError> {
+        serde_yaml_ng::from_str(text).map_err(|err| {
+            let message = strip_location(&err.to_string());
+            match err.location() {
+                Some(at) => ClusterFileError::Invalid {
+                    path: path.to_owned(),
+                    line: at.line(),
+                    column: at.column(),
+                    message,
+                },
+                None => ClusterFileError::InvalidNoLocation {
+                    path: path.to_owned(),
+                    message,
+                },
+            }
+        })
+    }
+
+    pub fn node(&self, name: &str, path: &Path) -> Result<&Node, ClusterFileError> {
+        self.nodes
+            .iter()
+            .find(|node| node.name.as_str() == name)
+            .ok_or_else(|| ClusterFileError::UnknownNode {
+                path: path.to_owned(),
+                node: name.to_owned(),
+                known: self
+                    .nodes
+                    .iter()
+                    .map(|n| n.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
+    /// The workload that owns `ip`, on any node.
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<(&Node, &Workload)> {
+        self.nodes.iter().find_map(|node| {
+            node.workloads
+                .iter()
+                .find(|w| w.ips.iter().any(|own| own.to_canonical() == ip.to_canonical()))
+                .map(|w| (node, w))
+        })
+    }
+}
+
+impl Workload {
+    /// `namespace/name`, how workloads are named in logs and metrics.
+    pub fn qualified_name(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+impl Name {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TryFrom<String> for Name {
+    type Error = String;
+
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        let valid_chars = value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+        let valid_ends = !value.starts_with(['-', '.']) && !value.ends_with(['-', '.']);
+        if value.is_empty() || value.len() > 253 || !valid_chars || !valid_ends {
+            return Err(format!(
+                "{value:?} is not a valid name: use lowercase letters, digits, '-' and '.', \
+                 starting and ending with a letter or digit"
+            ));
+        }
+        Ok(Name(value))
+    }
+}
+
+fn default_trust_domain() -> Name {
+    Name(DEFAULT_TRUST_DOMAIN.to_owned())
+}
+
+fn default_name() -> Name {
+    Name("default".to_owned())
+}
+
+fn at_least_one_ip<'de, D: Deserializer<'de>>(de: D) -> Result<Vec<IpAddr>, D::Error> {
+    let ips = Vec::<IpAddr>::deserialize(de)?;
+    if ips.is_empty() {
+        return Err(D::Error::custom("a workload needs at least one IP address"));
+    }
+    Ok(ips)
+}
+
+fn workloads_without_duplicates<'de, D: Deserializer<'de>>(
+    de: D,
+) -> Result<Vec<Workload>, D::Error> {
+    let workloads = Vec::<Workload>::deserialize(de)?;
+    let mut seen = HashSet::new();
+    for workload in &workloads {
+        if !seen.insert((&workload.namespace, &workload.name)) {
+            return Err(D::Error::custom(format!(
+                "workload {} is listed twice",
+                workload.qualified_name()
+            )));
+        }
+    }
+    Ok(workloads)
+}
+
+/// Node names, workload names and IPs must each mean one thing across the whole mesh.
+fn nodes_without_conflicts<'de, D: Deserializer<'de>>(de: D) -> Result<Vec<Node>, D::Error> {
+    let nodes = Vec::<Node>::deserialize(de)?;
+    let mut node_names = HashSet::new();
+    let mut workloads = HashMap::new();
+    let mut owners: HashMap<IpAddr, String> = HashMap::new();
+    for node in &nodes {
+        if !node_names.insert(&node.name) {
+            return Err(D::Error::custom(format!("node {} is listed twice", node.name)));
+        }
+        for workload in &node.workloads {
+            let id = workload.qualified_name();
+            if let Some(other) = workloads.insert(id.clone(), &node.name) {
+                return Err(D::Error::custom(format!(
+                    "workload {id} is listed on node {other} and on node {}",
+                    node.name
+                )));
+            }
+            for ip in &workload.ips {
+                if let Some(other) = owners.insert(ip.to_canonical(), id.clone()) {
+                    return Err(D::Error::custom(format!(
+                        "IP {ip} belongs to both workload {other} and workload {id}"
+                    )));
+                }
+            }
+        }
+    }
+    Ok(nodes)
+}
+
+/// serde_yaml_ng appends " at line L column C" to messages; the error carries the location
+/// separately, so keep the message alone.
+fn strip_location(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(at) => message[..at].to_owned(),
+        None => message.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+trustDomain: example.org
+nodes:
+  - name: node-a
+    addresses: [10.255.0.1, "fd00:ff::1"]
+    workloadCgroup: /sys/fs/cgroup/unified/mesh/node-a/pods
+    excludedPorts: [22]
+    workloads:
+      - name: client
+        namespace: demo
+        serviceAccount: client-sa
+        labels: {app: client}
+        ips: [10.1.0.2, "fd00:1::2"]
+        netns: /var/run/netns/client
+        cgroup: /sys/fs/cgroup/unified/mesh/node-a/pods/client
+  - name: node-b
+    workloadCgroup: /sys/fs/cgroup/unified/mesh/node-b/pods
+    workloads:
+      - name: web
+        ips: [10.2.0.2]
+        netns: /var/run/netns/web
+        cgroup: /sys/fs/cgroup/unified/mesh/node-b/pods/web
+"#;
+
+    fn parse(text: &str) -> Result<Cluster, ClusterFileError> {
+        Cluster::parse(text, Path::new("cluster.yaml"))
+    }
+
+    fn error_of(text: &str) -> String {
+        parse(text).expect_err("the file should be rejected").to_string()
+    }
+
+    #[test]
+    fn reads_a_complete_file_with_defaults() {
+        let cluster = parse(GOOD).unwrap();
+        assert_eq!(cluster.trust_domain.as_str(), "example.org");
+        let a = cluster.node("node-a", Path::new("c")).unwrap();
+        assert_eq!(a.excluded_ports, vec![22]);
+        assert_eq!(a.workloads[0].qualified_name(), "demo/client");
+        assert_eq!(a.workloads[0].service_account.as_str(), "client-sa");
+        let web = &cluster.nodes[1].workloads[0];
+        assert_eq!(web.namespace.as_str(), "default");
+        assert_eq!(web.service_account.as_str(), "default");
+        let (node, owner) = cluster.workload_by_ip("10.2.0.2".parse().unwrap()).unwrap();
+        assert_eq!((node.name.as_str(), owner.name.as_str()), ("node-b", "web"));
+    }
+
+    #[test]
+    fn names_file_line_and_field_of_a_bad_ip() {
+        let text = GOOD.replace("10.2.0.2", "10.2.0.300");
+        let err = error_of(&text);
+        assert!(err.starts_with("cluster.yaml:20:"), "{err}");
+        assert!(err.contains("nodes[1].workloads[0].ips[0]"), "{err}");
+        assert!(err.contains("invalid IP address"), "{err}");
+    }
+
+    #[test]
+    fn rejects_unknown_fields_with_their_line() {
+        let text = GOOD.replace("    excludedPorts: [22]", "    excludedPort: [22]");
+        let err = error_of(&text);
+        assert!(err.starts_with("cluster.yaml:7:"), "{err}");
+        assert!(err.contains("unknown field `excludedPort`"), "{err}");
+    }
+
+    #[test]
+    fn rejects_names_that_cannot_be_identities() {
+        let err = error_of(&GOOD.replace("namespace: demo", "namespace: Demo_NS"));
+        assert!(err.starts_with("cluster.yaml:11:"), "{err}");
+        assert!(err.contains("\"Demo_NS\" is not a valid name"), "{err}");
+    }
+
+    #[test]
+    fn rejects_an_ip_owned_twice() {
+        let err = error_of(&GOOD.replace("ips: [10.2.0.2]", "ips: [10.1.0.2]"));
+        assert!(
+            err.contains("IP 10.1.0.2 belongs to both workload demo/client and workload default/web"),
+            "{err}"
+        );
+        assert!(err.starts_with("cluster.yaml:"), "{err}");
+    }
+
+    #[test]
+    fn rejects_a_workload_without_ips() {
+        let err = error_of(&GOOD.replace("ips: [10.2.0.2]", "ips: []"));
+        assert!(err.starts_with("cluster.yaml:20:"), "{err}");
+        assert!(err.contains("at least one IP"), "{err}");
+    }
+
+    #[test]
+    fn rejects_broken_yaml() {
+        let err = error_of("nodes:\n  - name: [unclosed\n");
+        assert!(err.starts_with("cluster.yaml:"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_node_lists_the_known_ones() {
+        let cluster = parse(GOOD).unwrap();
+        let err = cluster.node("node-z", Path::new("cluster.yaml")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "cluster.yaml: node \"node-z\" is not in the cluster file (nodes: node-a, node-b)"
+        );
+    }
+}
