@@ -316,7 +316,9 @@ nodes:
     #[test]
     fn rejects_names_that_cannot_be_identities() {
         let err = error_of(&GOOD.replace("namespace: demo", "namespace: Demo_NS"));
-        assert!(err.starts_with("cluster.yaml:11:"), "{err}");
+        // Values rejected after parsing are located at the entry that holds them.
+        assert!(err.starts_with("cluster.yaml:9:"), "{err}");
+        assert!(err.contains("nodes[0].workloads[0]"), "{err}");
         assert!(err.contains("\"Demo_NS\" is not a valid name"), "{err}");
     }
 
@@ -333,7 +335,7 @@ nodes:
     #[test]
     fn rejects_a_workload_without_ips() {
         let err = error_of(&GOOD.replace("ips: [10.2.0.2]", "ips: []"));
-        assert!(err.starts_with("cluster.yaml:20:"), "{err}");
+        assert!(err.starts_with("cluster.yaml:19:"), "{err}");
         assert!(err.contains("at least one IP"), "{err}");
     }
 
