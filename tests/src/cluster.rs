@@ -1,0 +1,910 @@
+//! A test cluster: nodes and pods made of network namespaces, veth pairs,
+//! bridges and cgroups, with one real `mesh-agent` per node.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, OpenOptions};
+use std::io::{BufRead, BufReader, Seek, SeekFrom};
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::pod::{Pod, tail_of};
+use crate::sys::{self, BPFFS, CGROUP_ROOT, ip, ip_in};
+
+/// How long an agent may take to log `agent ready`.
+const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+static NEXT_ID: AtomicU32 = AtomicU32::new(0);
+/// Clusters of this process not yet torn down.
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+/// A unique id for one cluster instance: `mt{pid}x{counter}`.
+fn next_id() -> String {
+    format!(
+        "mt{}x{}",
+        std::process::id(),
+        NEXT_ID.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// Directory for the cluster's scratch files (cluster file, logs).
+pub fn scratch_root() -> PathBuf {
+    std::env::temp_dir().join("mesh-tests")
+}
+
+/// The `mesh-agent` binary: `$MESH_AGENT_BIN`, else
+/// `<workspace>/target/release/mesh-agent`.
+pub fn agent_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("MESH_AGENT_BIN") {
+        return p.into();
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests crate lives in the workspace")
+        .join("target/release/mesh-agent")
+}
+
+// ---------------------------------------------------------------- builder
+
+/// A pod to create.
+#[derive(Debug, Clone)]
+pub struct PodSpec {
+    name: String,
+    namespace: String,
+    service_account: String,
+    labels: BTreeMap<String, String>,
+    enrolled: bool,
+}
+
+impl PodSpec {
+    /// An enrolled pod in namespace `default` with service account `default`.
+    pub fn new(name: &str) -> Self {
+        PodSpec {
+            name: name.into(),
+            namespace: "default".into(),
+            service_account: "default".into(),
+            labels: BTreeMap::new(),
+            enrolled: true,
+        }
+    }
+    pub fn namespace(mut self, ns: &str) -> Self {
+        self.namespace = ns.into();
+        self
+    }
+    pub fn service_account(mut self, sa: &str) -> Self {
+        self.service_account = sa.into();
+        self
+    }
+    pub fn label(mut self, key: &str, value: &str) -> Self {
+        self.labels.insert(key.into(), value.into());
+        self
+    }
+    /// Whether the pod is listed in the cluster file (captured by the mesh).
+    pub fn enrolled(mut self, enrolled: bool) -> Self {
+        self.enrolled = enrolled;
+        self
+    }
+}
+
+/// A node to create.
+#[derive(Debug, Clone)]
+pub struct NodeSpec {
+    name: String,
+    excluded_ports: Vec<u16>,
+    pods: Vec<PodSpec>,
+}
+
+impl NodeSpec {
+    pub fn new(name: &str) -> Self {
+        NodeSpec {
+            name: name.into(),
+            excluded_ports: Vec::new(),
+            pods: Vec::new(),
+        }
+    }
+    pub fn pod(mut self, pod: PodSpec) -> Self {
+        self.pods.push(pod);
+        self
+    }
+    /// Destination ports this node's agent must never capture.
+    pub fn excluded_ports(mut self, ports: impl IntoIterator<Item = u16>) -> Self {
+        self.excluded_ports.extend(ports);
+        self
+    }
+}
+
+/// Describes a cluster; [`ClusterBuilder::build`] creates it.
+#[derive(Debug, Clone)]
+pub struct ClusterBuilder {
+    trust_domain: String,
+    nodes: Vec<NodeSpec>,
+}
+
+impl Default for ClusterBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ClusterBuilder {
+    pub fn new() -> Self {
+        ClusterBuilder {
+            trust_domain: "cluster.local".into(),
+            nodes: Vec::new(),
+        }
+    }
+    pub fn trust_domain(mut self, td: &str) -> Self {
+        self.trust_domain = td.into();
+        self
+    }
+    pub fn node(mut self, node: NodeSpec) -> Self {
+        self.nodes.push(node);
+        self
+    }
+
+    /// Creates the namespaces, links, cgroups, pin dirs and cluster file.
+    /// Agents are not started. On error, whatever was made is torn down.
+    pub fn build(self) -> Result<Cluster> {
+        check_spec(&self)?;
+        if unsafe { libc::geteuid() } != 0 {
+            bail!("the test cluster needs root (network namespaces, cgroups, bpffs)");
+        }
+        sys::ensure_bpffs()?;
+        if let Err(e) = crate::sweep_stale() {
+            eprintln!("mesh-tests: sweeping stale leftovers failed: {e:#}");
+        }
+        let id = next_id();
+        LIVE.fetch_add(1, Ordering::SeqCst);
+        let workdir = scratch_root().join(&id);
+        let mut cluster = Cluster {
+            cgroup_dir: Path::new(CGROUP_ROOT).join(&id),
+            pin_root: Path::new(BPFFS).join(&id),
+            cluster_file: workdir.join("cluster.yaml"),
+            workdir,
+            id,
+            trust_domain: self.trust_domain.clone(),
+            nodes: Vec::new(),
+            netns: Mutex::new(Vec::new()),
+            agents: Mutex::new(HashMap::new()),
+            torn_down: AtomicBool::new(false),
+        };
+        cluster
+            .create(&self.nodes)
+            .with_context(|| format!("build test cluster {}", cluster.id))?;
+        Ok(cluster)
+    }
+}
+
+fn check_spec(b: &ClusterBuilder) -> Result<()> {
+    if b.nodes.is_empty() || b.nodes.len() > 250 {
+        bail!("a cluster needs 1..=250 nodes");
+    }
+    let mut names = std::collections::HashSet::new();
+    for n in &b.nodes {
+        if !names.insert(&n.name) {
+            bail!("duplicate node name {}", n.name);
+        }
+        if n.pods.len() > 250 {
+            bail!("node {}: at most 250 pods", n.name);
+        }
+        let mut pods = std::collections::HashSet::new();
+        for p in &n.pods {
+            if !pods.insert(&p.name) {
+                bail!("node {}: duplicate pod name {}", n.name, p.name);
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- cluster
+
+/// One node: a network namespace, a cgroup subtree, a pin dir, its pods.
+#[derive(Debug, Clone)]
+pub struct Node {
+    name: String,
+    index: u8,
+    netns: String,
+    cgroup: PathBuf,
+    pin_dir: PathBuf,
+    excluded_ports: Vec<u16>,
+    pods: Vec<Pod>,
+}
+
+impl Node {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// 1-based position; the node's addresses and pod CIDRs derive from it.
+    pub fn index(&self) -> u8 {
+        self.index
+    }
+    pub fn ipv4(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 255, 0, self.index)
+    }
+    pub fn ipv6(&self) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0xff, 0, 0, 0, 0, 0, self.index.into())
+    }
+    pub fn netns_name(&self) -> &str {
+        &self.netns
+    }
+    pub fn netns_path(&self) -> PathBuf {
+        sys::netns_path(&self.netns)
+    }
+    /// The node's cgroup directory (holds `agent` and `pods`).
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup
+    }
+    /// The cgroup subtree of the node's pods (`workloadCgroup`).
+    pub fn pods_cgroup(&self) -> PathBuf {
+        self.cgroup.join("pods")
+    }
+    pub fn agent_cgroup(&self) -> PathBuf {
+        self.cgroup.join("agent")
+    }
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+    pub fn excluded_ports(&self) -> &[u16] {
+        &self.excluded_ports
+    }
+    pub fn pods(&self) -> &[Pod] {
+        &self.pods
+    }
+}
+
+/// A running agent.
+struct Agent {
+    child: Child,
+}
+
+/// A test cluster. Everything it made is removed on drop (or [`Cluster::teardown`]).
+pub struct Cluster {
+    id: String,
+    trust_domain: String,
+    workdir: PathBuf,
+    cluster_file: PathBuf,
+    cgroup_dir: PathBuf,
+    pin_root: PathBuf,
+    nodes: Vec<Node>,
+    /// Network namespaces created so far, in creation order.
+    netns: Mutex<Vec<String>>,
+    agents: Mutex<HashMap<String, Agent>>,
+    torn_down: AtomicBool,
+}
+
+impl Cluster {
+    pub fn builder() -> ClusterBuilder {
+        ClusterBuilder::new()
+    }
+
+    /// The run id (`mt{pid}x{n}`) that prefixes every name of this cluster.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+    /// Scratch directory (cluster file, agent and server logs); removed on teardown.
+    pub fn workdir(&self) -> &Path {
+        &self.workdir
+    }
+    pub fn cluster_file(&self) -> &Path {
+        &self.cluster_file
+    }
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+    pub fn node(&self, name: &str) -> Result<&Node> {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .ok_or_else(|| anyhow!("no node {name} in cluster {}", self.id))
+    }
+    pub fn pod(&self, node: &str, pod: &str) -> Result<&Pod> {
+        self.node(node)?
+            .pods
+            .iter()
+            .find(|p| p.name == pod)
+            .ok_or_else(|| anyhow!("no pod {pod} on node {node}"))
+    }
+
+    // ------------------------------------------------------------ creation
+
+    fn create(&mut self, specs: &[NodeSpec]) -> Result<()> {
+        sys::mkdir_all(&self.workdir)?;
+        let fab = format!("{}-fab", self.id);
+        self.add_netns(&fab)?;
+        ip_in(&fab, &["link", "set", "lo", "up"])?;
+        ip_in(
+            &fab,
+            &[
+                "link",
+                "add",
+                "br0",
+                "type",
+                "bridge",
+                "mcast_snooping",
+                "0",
+            ],
+        )?;
+        ip_in(&fab, &["link", "set", "br0", "up"])?;
+
+        for (i, spec) in specs.iter().enumerate() {
+            let node = self.create_node(&fab, (i + 1) as u8, spec)?;
+            self.nodes.push(node);
+        }
+        self.add_node_routes()?;
+        self.write_cluster_file()?;
+        Ok(())
+    }
+
+    /// Creates a netns and turns IPv6 duplicate address detection off in it,
+    /// before any link exists: otherwise link-local addresses stay tentative
+    /// for a while and the first IPv6 connection across nodes stalls ~2 s.
+    fn add_netns(&self, name: &str) -> Result<()> {
+        sys::netns_add(name)?;
+        self.netns.lock().unwrap().push(name.to_owned());
+        let no_dad = ["all", "default"].map(|d| (format!("net/ipv6/conf/{d}/accept_dad"), "0"));
+        sys::sysctls_in(&sys::netns_path(name), &no_dad)
+            .with_context(|| format!("sysctls in {name}"))
+    }
+
+    fn create_node(&self, fab: &str, i: u8, spec: &NodeSpec) -> Result<Node> {
+        let ns = format!("{}-{}", self.id, spec.name);
+        self.add_netns(&ns)?;
+        let fab_port = format!("n{i}");
+        ip(&[
+            "link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &fab_port,
+            "netns", fab,
+        ])?;
+        ip_in(fab, &["link", "set", &fab_port, "master", "br0", "up"])?;
+        ip_in(&ns, &["link", "set", "lo", "up"])?;
+        ip_in(&ns, &["link", "set", "eth0", "up"])?;
+        ip_in(
+            &ns,
+            &["addr", "add", &format!("10.255.0.{i}/24"), "dev", "eth0"],
+        )?;
+        ip_in(
+            &ns,
+            &[
+                "addr",
+                "add",
+                &format!("fd00:ff::{i}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ],
+        )?;
+        ip_in(
+            &ns,
+            &[
+                "link",
+                "add",
+                "cbr0",
+                "type",
+                "bridge",
+                "mcast_snooping",
+                "0",
+            ],
+        )?;
+        ip_in(&ns, &["link", "set", "cbr0", "up"])?;
+        ip_in(
+            &ns,
+            &["addr", "add", &format!("10.{i}.0.1/24"), "dev", "cbr0"],
+        )?;
+        ip_in(
+            &ns,
+            &[
+                "addr",
+                "add",
+                &format!("fd00:{i}::1/64"),
+                "dev",
+                "cbr0",
+                "nodad",
+            ],
+        )?;
+
+        let cgroup = self.cgroup_dir.join(&spec.name);
+        sys::mkdir_all(&cgroup.join("agent"))?;
+        let pin_dir = self.pin_root.join(&spec.name);
+        sys::mkdir_all(&pin_dir)?;
+
+        let mut pods = Vec::new();
+        for (j, pspec) in spec.pods.iter().enumerate() {
+            pods.push(self.create_pod(&ns, &spec.name, &cgroup, i, (j + 1) as u8, pspec)?);
+        }
+
+        let mut settings = vec![
+            ("net/ipv4/ip_forward".to_string(), "1"),
+            ("net/ipv6/conf/all/forwarding".to_string(), "1"),
+        ];
+        let mut devs = vec![
+            "all".to_string(),
+            "default".into(),
+            "eth0".into(),
+            "cbr0".into(),
+        ];
+        devs.extend((1..=pods.len()).map(|j| format!("p{j}")));
+        settings.extend(
+            devs.iter()
+                .map(|d| (format!("net/ipv4/conf/{d}/rp_filter"), "0")),
+        );
+        sys::sysctls_in(&sys::netns_path(&ns), &settings)
+            .with_context(|| format!("sysctls in {ns}"))?;
+
+        Ok(Node {
+            name: spec.name.clone(),
+            index: i,
+            netns: ns,
+            cgroup,
+            pin_dir,
+            excluded_ports: spec.excluded_ports.clone(),
+            pods,
+        })
+    }
+
+    fn create_pod(
+        &self,
+        node_ns: &str,
+        node: &str,
+        node_cgroup: &Path,
+        i: u8,
+        j: u8,
+        spec: &PodSpec,
+    ) -> Result<Pod> {
+        let ns = format!("{}-{}-{}", self.id, node, spec.name);
+        self.add_netns(&ns)?;
+        let port = format!("p{j}");
+        ip(&[
+            "link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &port, "netns",
+            node_ns,
+        ])?;
+        ip_in(node_ns, &["link", "set", &port, "master", "cbr0", "up"])?;
+        ip_in(&ns, &["link", "set", "lo", "up"])?;
+        ip_in(&ns, &["link", "set", "eth0", "up"])?;
+        let ipv4 = Ipv4Addr::new(10, i, 0, j + 1);
+        let ipv6 = Ipv6Addr::new(0xfd00, i.into(), 0, 0, 0, 0, 0, (j + 1).into());
+        ip_in(&ns, &["addr", "add", &format!("{ipv4}/24"), "dev", "eth0"])?;
+        ip_in(
+            &ns,
+            &["addr", "add", &format!("{ipv6}/64"), "dev", "eth0", "nodad"],
+        )?;
+        ip_in(
+            &ns,
+            &["route", "add", "default", "via", &format!("10.{i}.0.1")],
+        )?;
+        ip_in(
+            &ns,
+            &[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("fd00:{i}::1"),
+            ],
+        )?;
+
+        let cgroup = node_cgroup.join("pods").join(&spec.name);
+        sys::mkdir_all(&cgroup)?;
+        Ok(Pod {
+            name: spec.name.clone(),
+            node: node.into(),
+            namespace: spec.namespace.clone(),
+            service_account: spec.service_account.clone(),
+            labels: spec.labels.clone(),
+            enrolled: spec.enrolled,
+            ipv4,
+            ipv6,
+            netns: ns,
+            cgroup,
+            workdir: self.workdir.clone(),
+        })
+    }
+
+    /// Each node routes the other nodes' pod CIDRs via their fabric address.
+    fn add_node_routes(&self) -> Result<()> {
+        for n in &self.nodes {
+            for k in self.nodes.iter().filter(|k| k.index != n.index) {
+                let k = k.index;
+                ip_in(
+                    &n.netns,
+                    &[
+                        "route",
+                        "add",
+                        &format!("10.{k}.0.0/24"),
+                        "via",
+                        &format!("10.255.0.{k}"),
+                    ],
+                )?;
+                ip_in(
+                    &n.netns,
+                    &[
+                        "-6",
+                        "route",
+                        "add",
+                        &format!("fd00:{k}::/64"),
+                        "via",
+                        &format!("fd00:ff::{k}"),
+                    ],
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_cluster_file(&self) -> Result<()> {
+        let doc = FileDoc {
+            trust_domain: self.trust_domain.clone(),
+            nodes: self
+                .nodes
+                .iter()
+                .map(|n| FileNode {
+                    name: n.name.clone(),
+                    addresses: vec![n.ipv4().to_string(), n.ipv6().to_string()],
+                    workload_cgroup: n.pods_cgroup().display().to_string(),
+                    excluded_ports: n.excluded_ports.clone(),
+                    workloads: n
+                        .pods
+                        .iter()
+                        .filter(|p| p.enrolled)
+                        .map(|p| FileWorkload {
+                            name: p.name.clone(),
+                            namespace: p.namespace.clone(),
+                            service_account: p.service_account.clone(),
+                            labels: p.labels.clone(),
+                            ips: p.ips().iter().map(ToString::to_string).collect(),
+                            netns: p.netns_path().display().to_string(),
+                            cgroup: p.cgroup.display().to_string(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        };
+        let yaml = serde_yaml_ng::to_string(&doc).context("serialize cluster file")?;
+        fs::write(&self.cluster_file, yaml)
+            .with_context(|| format!("write {}", self.cluster_file.display()))
+    }
+
+    // ------------------------------------------------------------ agents
+
+    /// Path of the node's agent log (all runs of the agent append to it).
+    pub fn agent_log_path(&self, node: &str) -> PathBuf {
+        self.workdir.join(format!("{node}-agent.log"))
+    }
+
+    /// Starts `mesh-agent run` for `node` (in the node's `agent` cgroup and
+    /// netns) and waits until it logs `agent ready`.
+    pub fn start_agent(&self, node: &str) -> Result<()> {
+        let n = self.node(node)?;
+        if self.agents.lock().unwrap().contains_key(node) {
+            bail!("agent for {node} already running");
+        }
+        let bin = agent_bin();
+        if !bin.exists() {
+            bail!(
+                "mesh-agent binary not found at {} (build it with `cargo build --release -p mesh-agent`, or set MESH_AGENT_BIN)",
+                bin.display()
+            );
+        }
+        let log_path = self.agent_log_path(node);
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("open {}", log_path.display()))?;
+        let start_offset = log.metadata()?.len();
+        let mut cmd = Command::new(&bin);
+        cmd.arg("run")
+            .arg("--cluster")
+            .arg(&self.cluster_file)
+            .args(["--node", node, "--bpf-pin-dir"])
+            .arg(&n.pin_dir)
+            .args(["--log-format", "json"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        sys::place(&mut cmd, &n.agent_cgroup(), &n.netns_path())?;
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("spawn {}", bin.display()))?;
+
+        let deadline = Instant::now() + AGENT_READY_TIMEOUT;
+        loop {
+            let ready = read_log(&log_path, start_offset)?
+                .iter()
+                .any(|v| v.get("message").and_then(Value::as_str) == Some("agent ready"));
+            if ready {
+                break;
+            }
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "agent for {node} exited ({status}) before it was ready; {}",
+                    tail_of(&log_path)
+                );
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "agent for {node} not ready after {AGENT_READY_TIMEOUT:?}; {}",
+                    tail_of(&log_path)
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        // Not locked while waiting, so a teardown can run meanwhile (it kills
+        // this agent through its cgroup even though it is not listed yet).
+        self.agents
+            .lock()
+            .unwrap()
+            .insert(node.to_owned(), Agent { child });
+        Ok(())
+    }
+
+    /// Starts every node's agent.
+    pub fn start_agents(&self) -> Result<()> {
+        for n in &self.nodes {
+            self.start_agent(&n.name)?;
+        }
+        Ok(())
+    }
+
+    /// Sends SIGTERM to the node's agent and waits (up to 10 s, then SIGKILL
+    /// and an error) for it to exit; returns its exit status.
+    pub fn stop_agent(&self, node: &str) -> Result<ExitStatus> {
+        let mut agent = self
+            .agents
+            .lock()
+            .unwrap()
+            .remove(node)
+            .ok_or_else(|| anyhow!("no agent running for {node}"))?;
+        match terminate(&mut agent.child, Duration::from_secs(10))? {
+            (status, false) => Ok(status),
+            (status, true) => bail!(
+                "agent for {node} ignored SIGTERM for 10 s; killed ({status}); {}",
+                tail_of(&self.agent_log_path(node))
+            ),
+        }
+    }
+
+    /// Whether the node's agent is (still) running.
+    pub fn agent_running(&self, node: &str) -> bool {
+        let mut agents = self.agents.lock().unwrap();
+        match agents.get_mut(node) {
+            Some(a) => matches!(a.child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// Every JSON line the node's agent has logged so far (all runs; non-JSON
+    /// lines skipped).
+    pub fn agent_logs(&self, node: &str) -> Result<Vec<Value>> {
+        read_log(&self.agent_log_path(node), 0)
+    }
+
+    /// The last lines of the node's agent log, for messages.
+    pub fn agent_log_tail(&self, node: &str) -> String {
+        tail_of(&self.agent_log_path(node))
+    }
+
+    /// Polls the node's agent log until a line satisfies `pred`.
+    pub fn wait_for_log(
+        &self,
+        node: &str,
+        pred: impl Fn(&Value) -> bool,
+        timeout: Duration,
+    ) -> Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = self.agent_logs(node)?.into_iter().find(|v| pred(v)) {
+                return Ok(v);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "no matching log line from {node}'s agent within {timeout:?}; {}",
+                    self.agent_log_tail(node)
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The node's `connection closed` log lines.
+    pub fn connections(&self, node: &str) -> Result<Vec<ConnectionLog>> {
+        self.agent_logs(node)?
+            .into_iter()
+            .filter(|v| v.get("message").and_then(Value::as_str) == Some("connection closed"))
+            .map(|v| {
+                serde_json::from_value(v.clone())
+                    .with_context(|| format!("unexpected `connection closed` line: {v}"))
+            })
+            .collect()
+    }
+
+    /// Polls until the node's agent logs a `connection closed` line that
+    /// satisfies `pred`.
+    pub fn wait_for_connection(
+        &self,
+        node: &str,
+        pred: impl Fn(&ConnectionLog) -> bool,
+        timeout: Duration,
+    ) -> Result<ConnectionLog> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(c) = self.connections(node)?.into_iter().find(|c| pred(c)) {
+                return Ok(c);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "{node}'s agent logged no matching `connection closed` line within {timeout:?}; {}",
+                    self.agent_log_tail(node)
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    // ------------------------------------------------------------ teardown
+
+    /// Stops agents, kills every process in the cluster's cgroups, removes the
+    /// cgroups, network namespaces, pin dirs and scratch dir. Idempotent; also
+    /// run on drop. Errors are printed, not returned, so every step is tried.
+    pub fn teardown(&self) {
+        if self.torn_down.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        if thread::panicking() {
+            for n in &self.nodes {
+                if self.agent_log_path(&n.name).exists() {
+                    eprintln!(
+                        "--- {} agent log ---\n{}",
+                        n.name,
+                        self.agent_log_tail(&n.name)
+                    );
+                }
+            }
+        }
+        let agents: Vec<(String, Agent)> = self.agents.lock().unwrap().drain().collect();
+        for (node, mut a) in agents {
+            if let Err(e) = terminate(&mut a.child, Duration::from_secs(3)) {
+                eprintln!("mesh-tests: stopping agent {node}: {e:#}");
+            }
+        }
+        let mut problems = Vec::new();
+        if let Err(e) = sys::kill_and_remove_cgroup(&self.cgroup_dir) {
+            problems.push(format!("{e:#}"));
+        }
+        let netns: Vec<String> = self.netns.lock().unwrap().drain(..).rev().collect();
+        for ns in netns {
+            if let Err(e) = ip(&["netns", "del", &ns]) {
+                problems.push(format!("{e:#}"));
+            }
+        }
+        for dir in [&self.pin_root, &self.workdir] {
+            if let Err(e) = fs::remove_dir_all(dir)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                problems.push(format!("rm -rf {}: {e}", dir.display()));
+            }
+        }
+        // The shared parents go when the last cluster of this process goes
+        // (best effort: another process may still use them).
+        if LIVE.fetch_sub(1, Ordering::SeqCst) == 1 {
+            let _ = fs::remove_dir(CGROUP_ROOT);
+            let _ = fs::remove_dir(scratch_root());
+        }
+        for p in problems {
+            eprintln!("mesh-tests: teardown of {}: {p}", self.id);
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+/// SIGTERM, wait up to `grace`, then SIGKILL. Returns the exit status and
+/// whether SIGKILL was needed.
+fn terminate(child: &mut Child, grace: Duration) -> Result<(ExitStatus, bool)> {
+    if let Some(status) = child.try_wait()? {
+        return Ok((status, false));
+    }
+    let pid = Pid::from_raw(child.id() as i32);
+    let _ = kill(pid, Signal::SIGTERM);
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait()? {
+            return Ok((status, false));
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    Ok((child.wait()?, true))
+}
+
+/// Parses the JSON lines of a log file from byte `offset` on. Lines with a
+/// nested `fields` object (tracing's default JSON layout) are flattened.
+fn read_log(path: &Path, offset: u64) -> Result<Vec<Value>> {
+    let mut file = match fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("open {}", path.display())),
+    };
+    file.seek(SeekFrom::Start(offset))?;
+    let mut out = Vec::new();
+    for line in BufReader::new(file).split(b'\n') {
+        let line = line?;
+        let Ok(Value::Object(mut obj)) = serde_json::from_slice::<Value>(&line) else {
+            continue;
+        };
+        if let Some(Value::Object(fields)) = obj.remove("fields") {
+            for (k, v) in fields {
+                obj.entry(k).or_insert(v);
+            }
+        }
+        out.push(Value::Object(obj));
+    }
+    Ok(out)
+}
+
+/// One `connection closed` line of an agent log.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ConnectionLog {
+    /// `namespace/name` of the captured pod.
+    pub src_workload: String,
+    /// Original destination, `ip:port` or `[ip]:port`.
+    pub dst: String,
+    /// Client to server.
+    pub bytes_sent: u64,
+    /// Server to client.
+    pub bytes_received: u64,
+    pub duration_ms: u64,
+    #[serde(default)]
+    pub error: Option<String>,
+    /// Everything else on the line.
+    #[serde(flatten)]
+    pub other: BTreeMap<String, Value>,
+}
+
+// ---------------------------------------------------------------- cluster file
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct FileDoc {
+    trust_domain: String,
+    nodes: Vec<FileNode>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct FileNode {
+    name: String,
+    addresses: Vec<String>,
+    workload_cgroup: String,
+    excluded_ports: Vec<u16>,
+    workloads: Vec<FileWorkload>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct FileWorkload {
+    name: String,
+    namespace: String,
+    service_account: String,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    labels: BTreeMap<String, String>,
+    ips: Vec<String>,
+    netns: String,
+    cgroup: String,
+}

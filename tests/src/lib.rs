@@ -1,0 +1,44 @@
+//! Test harness for the mesh: a multi-node cluster on one machine.
+//!
+//! A cluster is made of network namespaces, veth pairs, bridges and cgroup v2
+//! directories:
+//!
+//! - fabric netns `{id}-fab` with bridge `br0`;
+//! - node *i* (1-based): netns `{id}-{node}`, `eth0` on the fabric with
+//!   10.255.0.*i*/24 and fd00:ff::*i*/64, bridge `cbr0` with 10.*i*.0.1/24 and
+//!   fd00:*i*::1/64, routes to the other nodes' pod CIDRs, forwarding on;
+//!   cgroups `/sys/fs/cgroup/unified/mesh-tests/{id}/{node}/{agent,pods}`;
+//!   pin dir `/sys/fs/bpf/{id}/{node}`;
+//! - pod *j* on node *i*: netns `{id}-{node}-{pod}`, `eth0` (peer `p{j}` on
+//!   `cbr0`) with 10.*i*.0.*j+1*/24 and fd00:*i*::*j+1*/64, cgroup
+//!   `.../{node}/pods/{pod}`.
+//!
+//! `{id}` is `mt{pid}x{n}`, so clusters of parallel tests never collide and
+//! leftovers of dead test processes can be found ([`sweep_stale`]).
+//! Everything is removed when the [`Cluster`] is dropped, also on panic.
+//!
+//! ```no_run
+//! use mesh_tests::{Cluster, NodeSpec, PodSpec};
+//! # fn main() -> anyhow::Result<()> {
+//! let cluster = Cluster::builder()
+//!     .node(NodeSpec::new("node-a").pod(PodSpec::new("client")))
+//!     .node(NodeSpec::new("node-b").pod(PodSpec::new("web")))
+//!     .build()?;
+//! cluster.start_agents()?;
+//! let web = cluster.pod("node-b", "web")?;
+//! let _server = web.http_server(8080, cluster.workdir())?;
+//! let out = cluster.pod("node-a", "client")?.curl(&mesh_tests::http_url(web.ipv4(), 8080))?;
+//! assert!(out.success());
+//! # Ok(()) }
+//! ```
+
+mod cluster;
+mod pod;
+mod sweep;
+pub mod sys;
+
+pub use cluster::{
+    Cluster, ClusterBuilder, ConnectionLog, Node, NodeSpec, PodSpec, agent_bin, scratch_root,
+};
+pub use pod::{ChildGuard, HttpServer, Pod, RunOutput, addr, http_url, run_with_timeout};
+pub use sweep::{owner_pid, sweep_stale};

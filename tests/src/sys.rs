@@ -1,0 +1,212 @@
+//! Small wrappers around the system: `ip`, cgroups, network namespaces, bpffs.
+
+use std::ffi::OsStr;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+/// Root of the cgroup v2 hierarchy on this machine.
+pub const CGROUP_V2: &str = "/sys/fs/cgroup/unified";
+/// Every cluster lives under this cgroup directory.
+pub const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified/mesh-tests";
+/// Where bpffs is mounted; pin directories live below it.
+pub const BPFFS: &str = "/sys/fs/bpf";
+/// Where `ip netns` keeps its namespace files.
+pub const NETNS_DIR: &str = "/var/run/netns";
+
+/// `ip netns add` makes /run/netns a shared mount on first use; concurrent first
+/// uses can race, so this process creates namespaces one at a time.
+static NETNS_ADD: Mutex<()> = Mutex::new(());
+
+/// Runs a command to completion; fails with the command line and its stderr
+/// unless it exits 0.
+pub fn run_checked(cmd: &mut Command) -> Result<Vec<u8>> {
+    let shown = show(cmd);
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot start `{shown}`"))?;
+    if !out.status.success() {
+        bail!(
+            "`{shown}` failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out.stdout)
+}
+
+fn show(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(OsStr::to_string_lossy)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Runs `ip ARGS...` and checks its exit status.
+pub fn ip(args: &[&str]) -> Result<()> {
+    run_checked(Command::new("ip").args(args)).map(drop)
+}
+
+/// Runs `ip -n NETNS ARGS...` and checks its exit status.
+pub fn ip_in(netns: &str, args: &[&str]) -> Result<()> {
+    run_checked(Command::new("ip").arg("-n").arg(netns).args(args)).map(drop)
+}
+
+pub fn netns_add(name: &str) -> Result<()> {
+    let _serial = NETNS_ADD.lock().unwrap_or_else(|e| e.into_inner());
+    ip(&["netns", "add", name])
+}
+
+pub fn netns_path(name: &str) -> PathBuf {
+    Path::new(NETNS_DIR).join(name)
+}
+
+/// Runs `f` on a fresh thread that has joined the network namespace at `netns`
+/// (only that thread moves; the rest of the process stays where it is).
+pub fn in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> T + Send) -> Result<T> {
+    let ns = File::open(netns).with_context(|| format!("open {}", netns.display()))?;
+    thread::scope(|s| {
+        s.spawn(move || {
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .context("setns(CLONE_NEWNET)")?;
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow!("thread inside {} panicked", netns.display()))?
+    })
+}
+
+/// Writes sysctls (`("net/ipv4/ip_forward", "1")`, paths below /proc/sys) inside
+/// a network namespace. /proc/sys/net follows the netns of the calling thread.
+pub fn sysctls_in(netns: &Path, settings: &[(String, &str)]) -> Result<()> {
+    in_netns(netns, || -> Result<()> {
+        for (key, value) in settings {
+            let path = Path::new("/proc/sys").join(key);
+            fs::write(&path, value)
+                .with_context(|| format!("write {value} to {}", path.display()))?;
+        }
+        Ok(())
+    })?
+}
+
+/// Makes `cmd` start inside the cgroup `cgroup` (a cgroup v2 directory) and
+/// the network namespace `netns`, in a process group of its own (so a Ctrl-C
+/// on the terminal reaches the harness, which then stops things in order).
+///
+/// Both files are opened now; in the child, between fork and exec, it writes
+/// "0" (= itself) to `cgroup.procs` and calls `setns`. Unlike `ip netns exec`
+/// this keeps the host's /sys (and so the cgroup fs) visible to the program.
+/// The child also gets an empty signal mask: std passes the spawning thread's
+/// mask on, and a program started from a thread that blocks SIGTERM (like
+/// mesh-demo's) would otherwise never see the SIGTERM that stops it.
+pub fn place(cmd: &mut Command, cgroup: &Path, netns: &Path) -> Result<()> {
+    let procs_path = cgroup.join("cgroup.procs");
+    let procs = OpenOptions::new()
+        .write(true)
+        .open(&procs_path)
+        .with_context(|| format!("open {}", procs_path.display()))?;
+    let ns = File::open(netns).with_context(|| format!("open {}", netns.display()))?;
+    // SAFETY: the closure only makes async-signal-safe system calls.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            if libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.process_group(0);
+    Ok(())
+}
+
+/// Mounts bpffs on /sys/fs/bpf unless something is mounted there already.
+pub fn ensure_bpffs() -> Result<()> {
+    let mounted = Command::new("mountpoint")
+        .args(["-q", BPFFS])
+        .status()
+        .context("run mountpoint")?
+        .success();
+    if !mounted {
+        run_checked(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]))?;
+    }
+    Ok(())
+}
+
+/// Creates a directory and its parents, tolerating a concurrent removal of an
+/// (empty) parent by another cluster's teardown.
+pub fn mkdir_all(path: &Path) -> Result<()> {
+    let mut last = None;
+    for _ in 0..5 {
+        match fs::create_dir_all(path) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => last = Some(e),
+            Err(e) => return Err(e).with_context(|| format!("mkdir -p {}", path.display())),
+        }
+    }
+    Err(last.unwrap()).with_context(|| format!("mkdir -p {}", path.display()))
+}
+
+/// Kills every process in the cgroup subtree at `dir` and removes the subtree,
+/// bottom-up. rmdir fails with EBUSY while processes are still exiting, so each
+/// directory is retried for a few seconds.
+pub fn kill_and_remove_cgroup(dir: &Path) -> Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    // cgroup.kill acts on the whole subtree; ignore failure (e.g. already empty).
+    let _ = fs::write(dir.join("cgroup.kill"), "1");
+    remove_cgroup_tree(dir)
+}
+
+fn remove_cgroup_tree(dir: &Path) -> Result<()> {
+    let entries = fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))?;
+    for entry in entries {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            remove_cgroup_tree(&entry.path())?;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if Instant::now() < deadline && e.raw_os_error() == Some(libc::EBUSY) => {
+                let _ = fs::write(dir.join("cgroup.kill"), "1");
+                thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(e).with_context(|| format!("rmdir {}", dir.display())),
+        }
+    }
+}
+
+/// Waits until `cond` is true, polling every `every`; false if `timeout` passed.
+pub fn poll(timeout: Duration, every: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(every);
+    }
+}

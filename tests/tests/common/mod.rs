@@ -1,0 +1,65 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::fs;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::thread;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use mesh_tests::{Cluster, ConnectionLog, Pod, http_url};
+
+/// How long an agent may take to log a finished connection.
+pub const LOG_WAIT: Duration = Duration::from_secs(10);
+
+/// A directory in the cluster's scratch dir holding `index.html` = `body`.
+pub fn web_root(cluster: &Cluster, name: &str, body: &[u8]) -> Result<PathBuf> {
+    let dir = cluster.workdir().join(name);
+    fs::create_dir_all(&dir)?;
+    fs::write(dir.join("index.html"), body)?;
+    Ok(dir)
+}
+
+/// `curl http://ip:port/` from `pod`; must exit 0 and return `body`.
+pub fn fetch(pod: &Pod, ip: impl Into<IpAddr>, port: u16, body: &[u8]) -> Result<()> {
+    let url = http_url(ip, port);
+    let out = pod.curl(&url)?;
+    ensure!(
+        out.success(),
+        "curl {url} from {} exited {:?}: {}",
+        pod.name(),
+        out.code(),
+        out.stderr_str().trim()
+    );
+    ensure!(
+        out.stdout == body,
+        "curl {url} from {}: body of {} bytes differs from the {} served",
+        pod.name(),
+        out.stdout.len(),
+        body.len()
+    );
+    Ok(())
+}
+
+/// Lines of `node`'s agent with destination `dst`.
+pub fn lines_for(cluster: &Cluster, node: &str, dst: &str) -> Result<Vec<ConnectionLog>> {
+    Ok(cluster
+        .connections(node)?
+        .into_iter()
+        .filter(|c| c.dst == dst)
+        .collect())
+}
+
+/// Waits for the `connection closed` line of `src_workload` to `dst` on `node`.
+pub fn wait_conn(cluster: &Cluster, node: &str, src: &str, dst: &str) -> Result<ConnectionLog> {
+    cluster
+        .wait_for_connection(node, |c| c.dst == dst && c.src_workload == src, LOG_WAIT)
+        .with_context(|| format!("waiting for {node}'s log of {src} -> {dst}"))
+}
+
+/// Gives an agent time to log a connection that it should not have captured,
+/// after a later connection that it did capture has been logged.
+pub fn settle() {
+    thread::sleep(Duration::from_millis(300));
+}
