@@ -18,7 +18,7 @@ const DEB_PACKAGES: &[&str] = &[
 ];
 /// Later versions need a system LLVM that Debian 12 lacks (see shared/ebpf-notes.md).
 const BPF_LINKER_VERSION: &str = "0.10.4";
-const MIN_KERNEL: (u32, u32) = (5, 10);
+const MIN_KERNEL: (u32, u32) = (5, 14); // SO_NETNS_COOKIE, see docs/agent.md
 const BPFFS: &str = "/sys/fs/bpf";
 const CGROUP2_CANDIDATES: &[&str] = &["/sys/fs/cgroup/unified", "/sys/fs/cgroup"];
 
