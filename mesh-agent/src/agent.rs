@@ -11,11 +11,18 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{error, info, warn};
 
+use std::sync::Arc;
+
 use crate::{
     ebpf::{self, Capture},
-    netns,
-    proxy::outbound::Outbound,
-    workload::{Cluster, Node, Workload},
+    identity::{CertificateAuthority, IdentityStore, SpiffeId, TrustBundle, server_config},
+    netns::{self, NetNs},
+    proxy::{
+        hbone::HboneClient,
+        inbound::Inbound,
+        outbound::{Mesh, Outbound},
+    },
+    workload::{Cluster, IdentityConfig, Node, Workload},
 };
 
 pub struct Config {
@@ -33,20 +40,37 @@ pub struct Config {
 /// refused) until an agent runs again; `mesh-agent uninstall` removes them for good.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     netns::remember_home()?;
-    let cluster = Cluster::load(&config.cluster_file)?;
+    let cluster = Arc::new(Cluster::load(&config.cluster_file)?);
     let node = cluster.node(&config.node, &config.cluster_file)?;
     let pin_dir = config
         .bpf_pin_dir
         .clone()
         .unwrap_or_else(|| ebpf::default_pin_dir(node.name.as_str()));
 
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let (identities, bundle) = start_identities(&cluster, node, &shutdown)?;
+
     let mut capture = Capture::install(&pin_dir, &node.workload_cgroup)
         .context("installing the capture programs")?;
     capture.set_excluded_ports(&node.excluded_ports)?;
 
-    let shutdown = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let enrolled = enrol_workloads(node, &mut capture, &shutdown, &tracker);
+    let node_context = NodeContext {
+        mesh: Arc::new(Mesh {
+            cluster: cluster.clone(),
+            local_node: node.name.clone(),
+            hbone: HboneClient::new(
+                identities.clone(),
+                bundle.clone(),
+                cluster.hbone.idle_timeout,
+            ),
+        }),
+        identities,
+        bundle,
+        shutdown: shutdown.clone(),
+        tracker: tracker.clone(),
+    };
+    let enrolled = enrol_workloads(node, &mut capture, &node_context);
     capture.retain_enrolled(&enrolled)?;
     info!(
         node = %node.name,
@@ -59,7 +83,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     info!("stopping: closing listeners and draining connections");
     shutdown.cancel();
     tracker.close();
-    if tokio::time::timeout(config.drain_timeout, tracker.wait()).await.is_err() {
+    if tokio::time::timeout(config.drain_timeout, tracker.wait())
+        .await
+        .is_err()
+    {
         warn!(
             remaining = tracker.len(),
             "drain timeout reached; closing the remaining connections"
@@ -72,25 +99,58 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What every workload's listeners share.
+struct NodeContext {
+    mesh: Arc<Mesh>,
+    identities: IdentityStore,
+    bundle: TrustBundle,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+/// Loads the CA and the trust bundle, issues a certificate to every identity of the node's
+/// workloads, and keeps them renewed.
+fn start_identities(
+    cluster: &Cluster,
+    node: &Node,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<(IdentityStore, TrustBundle)> {
+    let IdentityConfig {
+        ca_cert,
+        ca_key,
+        trust_bundle,
+        certificate_lifetime,
+    } = &cluster.identity;
+    let ca = CertificateAuthority::load(ca_cert, ca_key).context("loading the mesh CA")?;
+    let bundle = match trust_bundle {
+        Some(path) => TrustBundle::load(path),
+        None => TrustBundle::from_ca(&ca),
+    }
+    .context("loading the trust bundle")?;
+    let identities = IdentityStore::new(Arc::new(ca), *certificate_lifetime);
+    let ids: anyhow::Result<Vec<SpiffeId>> = node
+        .workloads
+        .iter()
+        .map(|w| Ok(w.spiffe_id(&cluster.trust_domain)?))
+        .collect();
+    identities.issue_all(ids?)?;
+    identities.clone().spawn_renewal(shutdown.clone());
+    Ok((identities, bundle))
+}
+
 /// Opens each workload's listeners, then captures its cgroup. A workload whose namespace cannot
 /// be entered is still captured when its cgroup exists: its connections fail rather than leave
 /// the mesh unnoticed.
-fn enrol_workloads(
-    node: &Node,
-    capture: &mut Capture,
-    shutdown: &CancellationToken,
-    tracker: &TaskTracker,
-) -> HashSet<u64> {
+fn enrol_workloads(node: &Node, capture: &mut Capture, context: &NodeContext) -> HashSet<u64> {
     let mut enrolled = HashSet::new();
     for workload in &node.workloads {
         let name = workload.qualified_name();
-        match Outbound::listen(workload, capture.orig_dst_table()) {
-            Ok(outbound) => outbound.serve(shutdown, tracker),
-            Err(err) => error!(
+        if let Err(err) = serve_workload(workload, capture, context) {
+            error!(
                 workload = %name,
                 error = format!("{err:#}"),
-                "cannot open the workload's listeners; its captured connections will be refused"
-            ),
+                "cannot open the workload's listeners; its connections will be refused"
+            );
         }
         match enrol(capture, workload) {
             Ok(id) => {
@@ -109,6 +169,38 @@ fn enrol_workloads(
 
 fn enrol(capture: &mut Capture, workload: &Workload) -> anyhow::Result<u64> {
     capture.enroll(&workload.cgroup)
+}
+
+/// Outbound listeners (captured connections) and inbound HBONE listeners (the workload's IPs,
+/// port 15008), all inside the workload's namespace.
+fn serve_workload(
+    workload: &Workload,
+    capture: &Capture,
+    context: &NodeContext,
+) -> anyhow::Result<()> {
+    let trust_domain = &context.mesh.cluster.trust_domain;
+    let identity = workload.spiffe_id(trust_domain)?;
+    let outbound = Outbound::listen(
+        workload,
+        identity.clone(),
+        capture.orig_dst_table(),
+        context.mesh.clone(),
+    )?;
+    let tls = server_config(
+        context.identities.clone(),
+        identity,
+        context.bundle.clone(),
+        trust_domain.as_str(),
+    )?;
+    let inbound = Inbound::listen(
+        workload.qualified_name(),
+        workload.ips.clone(),
+        NetNs::open(&workload.netns)?,
+        tls,
+    )?;
+    outbound.serve(&context.shutdown, &context.tracker);
+    inbound.serve(&context.shutdown, &context.tracker);
+    Ok(())
 }
 
 async fn wait_for_stop_signal() -> anyhow::Result<()> {

@@ -61,9 +61,8 @@ impl Capture {
             .default_map_pin_directory(&maps_dir)
             .load(EBPF_OBJECT)
             .context("loading the eBPF object")?;
-        let cgroup = File::open(workload_cgroup).with_context(|| {
-            format!("opening workload cgroup {}", workload_cgroup.display())
-        })?;
+        let cgroup = File::open(workload_cgroup)
+            .with_context(|| format!("opening workload cgroup {}", workload_cgroup.display()))?;
 
         for name in [programs::CONNECT4, programs::CONNECT6] {
             let program: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
@@ -143,7 +142,10 @@ impl OrigDstTable {
             netns_cookie,
             peer: to_kernel(peer),
         };
-        let mut map = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut map = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let orig = map.get(&key, 0).ok()?;
         // A stale entry would only be found again by a connection reusing the same port, which
         // re-records it first; failing to remove is harmless.
@@ -207,7 +209,10 @@ fn replace_pinned_link(new: FdLink, path: &Path) -> anyhow::Result<()> {
     if path.exists() {
         let old = PinnedLink::from_pin(path)
             .with_context(|| format!("opening pinned link {}", path.display()))?;
-        drop(old.unpin().with_context(|| format!("unpinning {}", path.display()))?);
+        drop(
+            old.unpin()
+                .with_context(|| format!("unpinning {}", path.display()))?,
+        );
     }
     fs::rename(&staging, path).with_context(|| format!("renaming pin to {}", path.display()))
 }
@@ -285,7 +290,12 @@ mod tests {
 
     #[test]
     fn kernel_addresses_round_trip() {
-        for text in ["10.1.0.2:8080", "[fd00:2::2]:443", "127.0.0.1:40000", "[::1]:1"] {
+        for text in [
+            "10.1.0.2:8080",
+            "[fd00:2::2]:443",
+            "127.0.0.1:40000",
+            "[::1]:1",
+        ] {
             let addr: SocketAddr = text.parse().unwrap();
             assert_eq!(from_kernel(&to_kernel(addr)), Some(addr), "{text}");
         }

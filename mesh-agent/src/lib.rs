@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod ebpf;
+pub mod identity;
 pub mod netns;
 pub mod proxy;
 pub mod workload;

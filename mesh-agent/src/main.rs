@@ -1,7 +1,10 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use mesh_agent::{agent, ebpf};
+use mesh_agent::{
+    agent, ebpf,
+    identity::{self, CertificateAuthority},
+};
 use tracing_subscriber::EnvFilter;
 
 /// The mesh's node agent.
@@ -32,6 +35,9 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         drain_timeout_secs: u64,
     },
+    /// Manage the mesh's certificate authority.
+    #[command(subcommand)]
+    Ca(CaCommand),
     /// Remove a node's capture programs and maps: its workloads connect directly again.
     Uninstall {
         /// This node's name; selects the default pin directory.
@@ -39,6 +45,15 @@ enum Command {
         node: Option<String>,
         #[arg(long)]
         bpf_pin_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Write a new root certificate and key (ECDSA P-256) into DIR: ca-cert.pem, ca-key.pem.
+    Init {
+        /// Directory to write into; existing files are never overwritten.
+        dir: PathBuf,
     },
 }
 
@@ -51,6 +66,7 @@ enum LogFormat {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    unblock_signals();
     match execute(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -74,6 +90,16 @@ fn execute(command: Command) -> anyhow::Result<()> {
             bpf_pin_dir,
             drain_timeout: Duration::from_secs(drain_timeout_secs),
         })),
+        Command::Ca(CaCommand::Init { dir }) => {
+            CertificateAuthority::init(&dir)?;
+            println!(
+                "wrote {} and {} in {}",
+                identity::CA_CERT_FILE,
+                identity::CA_KEY_FILE,
+                dir.display()
+            );
+            Ok(())
+        }
         Command::Uninstall { node, bpf_pin_dir } => {
             let pin_dir = match (bpf_pin_dir, node) {
                 (Some(dir), _) => dir,
@@ -82,6 +108,15 @@ fn execute(command: Command) -> anyhow::Result<()> {
             };
             agent::uninstall(&pin_dir)
         }
+    }
+}
+
+/// A parent may start us with SIGTERM blocked (Rust's `Command` passes its mask on); the agent
+/// must hear it to stop cleanly.
+fn unblock_signals() {
+    use nix::sys::signal::{SigSet, SigmaskHow, sigprocmask};
+    if let Err(err) = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None) {
+        tracing::warn!(error = %err, "cannot clear the inherited signal mask");
     }
 }
 

@@ -8,19 +8,58 @@ use std::{
     fmt,
     net::IpAddr,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use serde::{Deserialize, Deserializer, de::Error as _};
 
+use crate::identity::{DEFAULT_CERT_LIFETIME, SpiffeId, SpiffeIdError};
+
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+pub const DEFAULT_HBONE_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Cluster {
     #[serde(default = "default_trust_domain")]
     pub trust_domain: Name,
+    pub identity: IdentityConfig,
+    #[serde(default)]
+    pub hbone: HboneConfig,
     #[serde(deserialize_with = "nodes_without_conflicts")]
     pub nodes: Vec<Node>,
+}
+
+/// Where the mesh's signing certificate and key are, and how long workload certificates live.
+/// Relative paths are relative to the cluster file's directory.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// The signing certificate (a root, or an intermediate followed by its parents).
+    pub ca_cert: PathBuf,
+    pub ca_key: PathBuf,
+    /// The roots peers must chain to; several allow rotating the root. Default: the root of
+    /// `caCert`.
+    #[serde(default)]
+    pub trust_bundle: Option<PathBuf>,
+    #[serde(default = "default_cert_lifetime", with = "humantime_serde")]
+    pub certificate_lifetime: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HboneConfig {
+    /// A pooled connection without streams for this long is closed.
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for HboneConfig {
+    fn default() -> Self {
+        Self {
+            idle_timeout: DEFAULT_HBONE_IDLE_TIMEOUT,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -91,8 +130,16 @@ impl Cluster {
         Self::parse(&text, path)
     }
 
-    /// Parses the text of a cluster file; `path` only names it in errors.
+    /// Parses the text of a cluster file; `path` names it in errors, and relative paths in it
+    /// are relative to its directory.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ClusterFileError> {
+        let mut cluster: Self = Self::deserialize_located(text, path)?;
+        cluster.resolve_paths(path.parent().unwrap_or(Path::new(".")));
+        cluster.check_identities(path)?;
+        Ok(cluster)
+    }
+
+    fn deserialize_located(text: &str, path: &Path) -> Result<Self, ClusterFileError> {
         serde_yaml_ng::from_str(text).map_err(|err| {
             let message = strip_location(&err.to_string());
             match err.location() {
@@ -108,6 +155,31 @@ impl Cluster {
                 },
             }
         })
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let identity = &mut self.identity;
+        for path in [&mut identity.ca_cert, &mut identity.ca_key]
+            .into_iter()
+            .chain(identity.trust_bundle.as_mut())
+        {
+            if path.is_relative() {
+                *path = base.join(&*path);
+            }
+        }
+    }
+
+    /// Every workload must have a valid SPIFFE ID, so routing never meets one that has not.
+    fn check_identities(&self, path: &Path) -> Result<(), ClusterFileError> {
+        for workload in self.nodes.iter().flat_map(|node| &node.workloads) {
+            workload.spiffe_id(&self.trust_domain).map_err(|err| {
+                ClusterFileError::InvalidNoLocation {
+                    path: path.to_owned(),
+                    message: format!("workload {}: {err}", workload.qualified_name()),
+                }
+            })?;
+        }
+        Ok(())
     }
 
     pub fn node(&self, name: &str, path: &Path) -> Result<&Node, ClusterFileError> {
@@ -131,7 +203,11 @@ impl Cluster {
         self.nodes.iter().find_map(|node| {
             node.workloads
                 .iter()
-                .find(|w| w.ips.iter().any(|own| own.to_canonical() == ip.to_canonical()))
+                .find(|w| {
+                    w.ips
+                        .iter()
+                        .any(|own| own.to_canonical() == ip.to_canonical())
+                })
                 .map(|w| (node, w))
         })
     }
@@ -141,6 +217,15 @@ impl Workload {
     /// `namespace/name`, how workloads are named in logs and metrics.
     pub fn qualified_name(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+    pub fn spiffe_id(&self, trust_domain: &Name) -> Result<SpiffeId, SpiffeIdError> {
+        SpiffeId::new(
+            trust_domain.as_str(),
+            self.namespace.as_str(),
+            self.service_account.as_str(),
+        )
     }
 }
 
@@ -176,6 +261,14 @@ impl TryFrom<String> for Name {
 
 fn default_trust_domain() -> Name {
     Name(DEFAULT_TRUST_DOMAIN.to_owned())
+}
+
+fn default_cert_lifetime() -> Duration {
+    DEFAULT_CERT_LIFETIME
+}
+
+fn default_idle_timeout() -> Duration {
+    DEFAULT_HBONE_IDLE_TIMEOUT
 }
 
 fn default_name() -> Name {
@@ -214,7 +307,10 @@ fn nodes_without_conflicts<'de, D: Deserializer<'de>>(de: D) -> Result<Vec<Node>
     let mut owners: HashMap<IpAddr, String> = HashMap::new();
     for node in &nodes {
         if !node_names.insert(&node.name) {
-            return Err(D::Error::custom(format!("node {} is listed twice", node.name)));
+            return Err(D::Error::custom(format!(
+                "node {} is listed twice",
+                node.name
+            )));
         }
         for workload in &node.workloads {
             let id = workload.qualified_name();
@@ -251,6 +347,7 @@ mod tests {
 
     const GOOD: &str = r#"
 trustDomain: example.org
+identity: {caCert: ca/ca-cert.pem, caKey: /etc/mesh/ca-key.pem, certificateLifetime: 1h}
 nodes:
   - name: node-a
     addresses: [10.255.0.1, "fd00:ff::1"]
@@ -277,14 +374,49 @@ nodes:
         Cluster::parse(text, Path::new("cluster.yaml"))
     }
 
+    #[test]
+    fn relative_identity_paths_follow_the_cluster_file() {
+        let cluster = Cluster::parse(GOOD, Path::new("/etc/mesh/cluster.yaml")).unwrap();
+        assert_eq!(
+            cluster.identity.ca_cert,
+            Path::new("/etc/mesh/ca/ca-cert.pem")
+        );
+    }
+
+    #[test]
+    fn workload_identities_are_spiffe_ids() {
+        let cluster = parse(GOOD).unwrap();
+        let client = &cluster.nodes[0].workloads[0];
+        assert_eq!(
+            client.spiffe_id(&cluster.trust_domain).unwrap().to_string(),
+            "spiffe://example.org/ns/demo/sa/client-sa"
+        );
+    }
+
+    #[test]
+    fn a_bad_lifetime_names_its_line() {
+        let err = error_of(&GOOD.replace("certificateLifetime: 1h", "certificateLifetime: soon"));
+        assert!(err.starts_with("cluster.yaml:3:"), "{err}");
+        assert!(err.contains("identity"), "{err}");
+    }
+
     fn error_of(text: &str) -> String {
-        parse(text).expect_err("the file should be rejected").to_string()
+        parse(text)
+            .expect_err("the file should be rejected")
+            .to_string()
     }
 
     #[test]
     fn reads_a_complete_file_with_defaults() {
         let cluster = parse(GOOD).unwrap();
         assert_eq!(cluster.trust_domain.as_str(), "example.org");
+        assert_eq!(cluster.identity.ca_cert, Path::new("ca/ca-cert.pem"));
+        assert_eq!(cluster.identity.ca_key, Path::new("/etc/mesh/ca-key.pem"));
+        assert_eq!(
+            cluster.identity.certificate_lifetime,
+            Duration::from_secs(3600)
+        );
+        assert_eq!(cluster.hbone.idle_timeout, DEFAULT_HBONE_IDLE_TIMEOUT);
         let a = cluster.node("node-a", Path::new("c")).unwrap();
         assert_eq!(a.excluded_ports, vec![22]);
         assert_eq!(a.workloads[0].qualified_name(), "demo/client");
@@ -300,7 +432,7 @@ nodes:
     fn names_file_line_and_field_of_a_bad_ip() {
         let text = GOOD.replace("10.2.0.2", "10.2.0.300");
         let err = error_of(&text);
-        assert!(err.starts_with("cluster.yaml:20:"), "{err}");
+        assert!(err.starts_with("cluster.yaml:21:"), "{err}");
         assert!(err.contains("nodes[1].workloads[0].ips[0]"), "{err}");
         assert!(err.contains("invalid IP address"), "{err}");
     }
@@ -309,7 +441,7 @@ nodes:
     fn rejects_unknown_fields_with_their_line() {
         let text = GOOD.replace("    excludedPorts: [22]", "    excludedPort: [22]");
         let err = error_of(&text);
-        assert!(err.starts_with("cluster.yaml:7:"), "{err}");
+        assert!(err.starts_with("cluster.yaml:8:"), "{err}");
         assert!(err.contains("unknown field `excludedPort`"), "{err}");
     }
 
@@ -317,7 +449,7 @@ nodes:
     fn rejects_names_that_cannot_be_identities() {
         let err = error_of(&GOOD.replace("namespace: demo", "namespace: Demo_NS"));
         // Values rejected after parsing are located at the entry that holds them.
-        assert!(err.starts_with("cluster.yaml:9:"), "{err}");
+        assert!(err.starts_with("cluster.yaml:10:"), "{err}");
         assert!(err.contains("nodes[0].workloads[0]"), "{err}");
         assert!(err.contains("\"Demo_NS\" is not a valid name"), "{err}");
     }
@@ -326,7 +458,9 @@ nodes:
     fn rejects_an_ip_owned_twice() {
         let err = error_of(&GOOD.replace("ips: [10.2.0.2]", "ips: [10.1.0.2]"));
         assert!(
-            err.contains("IP 10.1.0.2 belongs to both workload demo/client and workload default/web"),
+            err.contains(
+                "IP 10.1.0.2 belongs to both workload demo/client and workload default/web"
+            ),
             "{err}"
         );
         assert!(err.starts_with("cluster.yaml:"), "{err}");
@@ -335,7 +469,7 @@ nodes:
     #[test]
     fn rejects_a_workload_without_ips() {
         let err = error_of(&GOOD.replace("ips: [10.2.0.2]", "ips: []"));
-        assert!(err.starts_with("cluster.yaml:19:"), "{err}");
+        assert!(err.starts_with("cluster.yaml:20:"), "{err}");
         assert!(err.contains("at least one IP"), "{err}");
     }
 
@@ -348,7 +482,9 @@ nodes:
     #[test]
     fn an_unknown_node_lists_the_known_ones() {
         let cluster = parse(GOOD).unwrap();
-        let err = cluster.node("node-z", Path::new("cluster.yaml")).unwrap_err();
+        let err = cluster
+            .node("node-z", Path::new("cluster.yaml"))
+            .unwrap_err();
         assert_eq!(
             err.to_string(),
             "cluster.yaml: node \"node-z\" is not in the cluster file (nodes: node-a, node-b)"

@@ -121,7 +121,11 @@ fn rekey_by_peer(ctx: &SockOpsContext) {
     };
     let family = ctx.family();
     let (ip4, ip6) = local_addresses(ctx);
-    let addr = if family == AF_INET { [ip4, 0, 0, 0] } else { ip6 };
+    let addr = if family == AF_INET {
+        [ip4, 0, 0, 0]
+    } else {
+        ip6
+    };
     let key = PeerKey {
         netns_cookie: pending.netns_cookie,
         peer: SockAddr {
@@ -156,8 +160,12 @@ fn local_addresses(ctx: &SockOpsContext) -> (u32, [u32; 4]) {
 
 fn remember_orig_dst(ctx: &SockAddrContext, orig_dst: SockAddr) -> bool {
     // SAFETY: both helpers are allowed in cgroup sock_addr programs (kernel >= 5.7).
-    let (cookie, netns_cookie) =
-        unsafe { (bpf_get_socket_cookie(ctx.as_ptr()), bpf_get_netns_cookie(ctx.as_ptr())) };
+    let (cookie, netns_cookie) = unsafe {
+        (
+            bpf_get_socket_cookie(ctx.as_ptr()),
+            bpf_get_netns_cookie(ctx.as_ptr()),
+        )
+    };
     let pending = PendingOrigDst {
         netns_cookie,
         orig_dst,

@@ -18,6 +18,7 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::pod::run_with_timeout;
 use crate::pod::{Pod, tail_of};
 use crate::sys::{self, BPFFS, CGROUP_ROOT, ip, ip_in};
 
@@ -127,7 +128,15 @@ impl NodeSpec {
 #[derive(Debug, Clone)]
 pub struct ClusterBuilder {
     trust_domain: String,
+    settings: MeshSettings,
     nodes: Vec<NodeSpec>,
+}
+
+/// Mesh-wide settings written to the cluster file (durations as humantime strings, "24h").
+#[derive(Debug, Clone, Default)]
+struct MeshSettings {
+    certificate_lifetime: Option<String>,
+    hbone_idle_timeout: Option<String>,
 }
 
 impl Default for ClusterBuilder {
@@ -140,11 +149,22 @@ impl ClusterBuilder {
     pub fn new() -> Self {
         ClusterBuilder {
             trust_domain: "cluster.local".into(),
+            settings: MeshSettings::default(),
             nodes: Vec::new(),
         }
     }
     pub fn trust_domain(mut self, td: &str) -> Self {
         self.trust_domain = td.into();
+        self
+    }
+    /// Lifetime of workload certificates, e.g. "4s" (default: the agent's, 24 h).
+    pub fn certificate_lifetime(mut self, lifetime: &str) -> Self {
+        self.settings.certificate_lifetime = Some(lifetime.into());
+        self
+    }
+    /// Idle time after which pooled HBONE connections close, e.g. "2s".
+    pub fn hbone_idle_timeout(mut self, timeout: &str) -> Self {
+        self.settings.hbone_idle_timeout = Some(timeout.into());
         self
     }
     pub fn node(mut self, node: NodeSpec) -> Self {
@@ -173,6 +193,7 @@ impl ClusterBuilder {
             workdir,
             id,
             trust_domain: self.trust_domain.clone(),
+            settings: self.settings.clone(),
             nodes: Vec::new(),
             netns: Mutex::new(Vec::new()),
             agents: Mutex::new(HashMap::new()),
@@ -272,6 +293,7 @@ struct Agent {
 pub struct Cluster {
     id: String,
     trust_domain: String,
+    settings: MeshSettings,
     workdir: PathBuf,
     cluster_file: PathBuf,
     cgroup_dir: PathBuf,
@@ -541,9 +563,33 @@ impl Cluster {
         Ok(())
     }
 
+    /// The mesh CA made by `mesh-agent ca init` for this cluster: `ca-cert.pem`, `ca-key.pem`.
+    pub fn ca_dir(&self) -> PathBuf {
+        self.workdir.join("ca")
+    }
+
+    fn create_ca(&self) -> Result<()> {
+        let mut init = Command::new(agent_bin());
+        init.arg("ca").arg("init").arg(self.ca_dir());
+        let output = run_with_timeout(&mut init, Duration::from_secs(20))?;
+        if !output.success() {
+            bail!("mesh-agent ca init failed: {}", output.stderr_str());
+        }
+        Ok(())
+    }
+
     fn write_cluster_file(&self) -> Result<()> {
+        self.create_ca()?;
         let doc = FileDoc {
             trust_domain: self.trust_domain.clone(),
+            identity: FileIdentity {
+                ca_cert: "ca/ca-cert.pem".into(),
+                ca_key: "ca/ca-key.pem".into(),
+                certificate_lifetime: self.settings.certificate_lifetime.clone(),
+            },
+            hbone: FileHbone {
+                idle_timeout: self.settings.hbone_idle_timeout.clone(),
+            },
             nodes: self
                 .nodes
                 .iter()
@@ -883,7 +929,25 @@ pub struct ConnectionLog {
 #[serde(rename_all = "camelCase")]
 struct FileDoc {
     trust_domain: String,
+    identity: FileIdentity,
+    hbone: FileHbone,
     nodes: Vec<FileNode>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct FileIdentity {
+    ca_cert: String,
+    ca_key: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    certificate_lifetime: Option<String>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct FileHbone {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    idle_timeout: Option<String>,
 }
 
 #[derive(Serialize)]

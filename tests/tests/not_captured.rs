@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use anyhow::{Result, ensure};
 use common::{fetch, lines_for, settle, wait_conn, web_root};
 use mesh_tests::{Cluster, NodeSpec, PodSpec, addr};
@@ -86,11 +88,31 @@ fn agent_upstream_is_not_captured_again() -> Result<()> {
         "server got {} requests: {reqs:?}",
         reqs.len()
     );
+    // Cross-node calls arrive through node-b's agent, which delivers them from inside the
+    // destination pod: exactly one inbound tunnel stream there, from the client's identity.
+    let inbound = cluster.wait_for_log(
+        "node-b",
+        |line| line["message"] == "inbound connection closed" && line["dst"] == dst.as_str(),
+        Duration::from_secs(5),
+    )?;
+    ensure!(
+        inbound["peer_identity"] == "spiffe://cluster.local/ns/default/sa/default",
+        "node-b saw {inbound}"
+    );
+    let inbound_lines = cluster
+        .agent_logs("node-b")?
+        .into_iter()
+        .filter(|line| line["message"] == "inbound connection closed")
+        .count();
+    ensure!(
+        inbound_lines == 1,
+        "one curl, {inbound_lines} inbound streams on node-b"
+    );
     let seen = server.client_addrs()?;
     ensure!(
-        seen == [std::net::IpAddr::from(client.ipv4())],
-        "server saw {seen:?} as source, want the client pod's {}",
-        client.ipv4()
+        seen == [std::net::IpAddr::from(web.ipv4())],
+        "server saw {seen:?} as source, want its own {} (delivered by its node's agent)",
+        web.ipv4()
     );
     Ok(())
 }

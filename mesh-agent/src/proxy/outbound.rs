@@ -1,5 +1,6 @@
 //! Outbound: connections captured from a workload, accepted on the agent's listener inside that
-//! workload's network namespace, and forwarded to their original destination.
+//! workload's network namespace, and forwarded to their original destination: through an HBONE
+//! tunnel when the destination is a mesh workload on another node, as plain TCP otherwise.
 //!
 //! Which workload made a call is a kernel fact: the listener that accepted it lives in that
 //! workload's namespace and nowhere else. The source IP is never consulted.
@@ -17,11 +18,15 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
-use super::relay::{Transferred, relay};
+use super::{
+    hbone::{HBONE_PORT, HboneClient, HboneError},
+    relay::{Transferred, relay},
+};
 use crate::{
     ebpf::OrigDstTable,
+    identity::{SpiffeId, SpiffeIdError},
     netns::{self, NetNs},
-    workload::Workload,
+    workload::{Cluster, Name, Workload},
 };
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -35,9 +40,44 @@ pub struct Outbound {
 /// The captured workload, as every connection from it needs to know it.
 struct Source {
     name: String,
+    identity: SpiffeId,
     netns: NetNs,
     netns_cookie: u64,
     orig_dst: OrigDstTable,
+    mesh: Arc<Mesh>,
+}
+
+/// What the outbound side needs to know of the mesh to choose a route.
+pub struct Mesh {
+    pub cluster: Arc<Cluster>,
+    pub local_node: Name,
+    pub hbone: Arc<HboneClient>,
+}
+
+/// How a captured connection reaches its destination.
+#[derive(Debug, PartialEq, Eq)]
+enum Route {
+    /// Through the agent that serves the destination workload, which must prove `expected`.
+    Hbone { via: SocketAddr, expected: SpiffeId },
+    /// Straight to the destination: outside the mesh, or on this node (bytes that never leave
+    /// the node need no encryption).
+    Direct,
+}
+
+/// How a relayed connection was secured, for logs (Istio's `connection_security_policy`).
+#[derive(Clone, Copy)]
+enum Security {
+    MutualTls,
+    None,
+}
+
+impl Security {
+    fn as_str(self) -> &'static str {
+        match self {
+            Security::MutualTls => "mutual_tls",
+            Security::None => "none",
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,12 +90,21 @@ enum OutboundError {
     ConnectTimeout { dst: SocketAddr },
     #[error("relaying: {0}")]
     Relay(io::Error),
+    #[error("hbone: {0}")]
+    Hbone(#[from] HboneError),
+    #[error("destination identity: {0}")]
+    Identity(#[from] SpiffeIdError),
 }
 
 impl Outbound {
     /// Opens the outbound listeners (IPv4 and IPv6 loopback, port 15001) inside the workload's
     /// network namespace.
-    pub fn listen(workload: &Workload, orig_dst: OrigDstTable) -> anyhow::Result<Self> {
+    pub fn listen(
+        workload: &Workload,
+        identity: SpiffeId,
+        orig_dst: OrigDstTable,
+        mesh: Arc<Mesh>,
+    ) -> anyhow::Result<Self> {
         let netns = NetNs::open(&workload.netns)?;
         let addrs = [
             SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT)),
@@ -63,20 +112,22 @@ impl Outbound {
         ];
         let mut listeners = Vec::with_capacity(addrs.len());
         for addr in addrs {
-            let listener = netns.bind(addr).with_context(|| {
-                format!("binding {addr} in {}", netns.path().display())
-            })?;
+            let listener = netns
+                .bind(addr)
+                .with_context(|| format!("binding {addr} in {}", netns.path().display()))?;
             listeners.push(TcpListener::from_std(listener)?);
         }
-        let netns_cookie = netns::netns_cookie(&listeners[0])
-            .context("reading the workload's netns cookie")?;
+        let netns_cookie =
+            netns::netns_cookie(&listeners[0]).context("reading the workload's netns cookie")?;
         Ok(Self {
             listeners,
             source: Arc::new(Source {
                 name: workload.qualified_name(),
+                identity,
                 netns,
                 netns_cookie,
                 orig_dst,
+                mesh,
             }),
         })
     }
@@ -110,41 +161,84 @@ impl Outbound {
 
 async fn handle(mut conn: TcpStream, peer: SocketAddr, source: Arc<Source>) {
     let started = Instant::now();
+    let mut log = ConnectionLog::new(&source.name, started);
     let Some(dst) = source.orig_dst.take(source.netns_cookie, peer) else {
-        log_closed(&source.name, None, Transferred::default(), started, Some(&OutboundError::NoOriginalDestination));
+        log.closed(Err(&OutboundError::NoOriginalDestination));
         reset(conn);
         return;
     };
-    match forward(&mut conn, dst, &source).await {
-        Ok(transferred) => log_closed(&source.name, Some(dst), transferred, started, None),
-        Err((transferred, err)) => {
-            log_closed(&source.name, Some(dst), transferred, started, Some(&err));
-            reset(conn);
+    log.dst = Some(dst);
+    let _ = conn.set_nodelay(true);
+    let result = match source.mesh.route(dst) {
+        Ok(Route::Hbone { via, expected }) => {
+            forward_hbone(&mut conn, dst, via, expected, &source, &mut log).await
         }
+        Ok(Route::Direct) => forward_direct(&mut conn, dst, &source, &mut log).await,
+        Err(err) => Err(err.into()),
+    };
+    log.closed(result.as_ref().map(|_| ()));
+    if result.is_err() {
+        reset(conn);
     }
 }
 
 /// Connects to the original destination from inside the workload's namespace (so the far end
 /// sees the workload's own address) and relays.
-async fn forward(
+async fn forward_direct(
     conn: &mut TcpStream,
     dst: SocketAddr,
     source: &Source,
-) -> Result<Transferred, (Transferred, OutboundError)> {
-    let fail = |err| (Transferred::default(), err);
+    log: &mut ConnectionLog<'_>,
+) -> Result<(), OutboundError> {
     let socket = source
         .netns
         .tcp_socket_for(&dst)
-        .map_err(|source| fail(OutboundError::Connect { dst, source }))?;
-    let mut upstream = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst))
+        .map_err(|source| OutboundError::Connect { dst, source })?;
+    let upstream = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst))
         .await
-        .map_err(|_| fail(OutboundError::ConnectTimeout { dst }))?
-        .map_err(|source| fail(OutboundError::Connect { dst, source }))?;
+        .map_err(|_| OutboundError::ConnectTimeout { dst })?
+        .map_err(|source| OutboundError::Connect { dst, source })?;
     let _ = upstream.set_nodelay(true);
-    let _ = conn.set_nodelay(true);
-    match relay(conn, &mut upstream).await {
-        (transferred, Ok(())) => Ok(transferred),
-        (transferred, Err(err)) => Err((transferred, OutboundError::Relay(err))),
+    let (transferred, result) = relay(conn, upstream).await;
+    log.transferred = transferred;
+    result.map_err(OutboundError::Relay)
+}
+
+async fn forward_hbone(
+    conn: &mut TcpStream,
+    dst: SocketAddr,
+    via: SocketAddr,
+    expected: SpiffeId,
+    source: &Source,
+    log: &mut ConnectionLog<'_>,
+) -> Result<(), OutboundError> {
+    let stream = source
+        .mesh
+        .hbone
+        .open(
+            &source.identity,
+            &source.netns,
+            via,
+            std::slice::from_ref(&expected),
+            dst,
+        )
+        .await?;
+    log.security = Security::MutualTls;
+    log.peer_identity = Some(stream.peer.clone());
+    let (transferred, result) = relay(conn, stream.io).await;
+    log.transferred = transferred;
+    result.map_err(OutboundError::Relay)
+}
+
+impl Mesh {
+    fn route(&self, dst: SocketAddr) -> Result<Route, SpiffeIdError> {
+        Ok(match self.cluster.workload_by_ip(dst.ip()) {
+            Some((node, workload)) if node.name != self.local_node => Route::Hbone {
+                via: SocketAddr::new(dst.ip(), HBONE_PORT),
+                expected: workload.spiffe_id(&self.cluster.trust_domain)?,
+            },
+            _ => Route::Direct,
+        })
     }
 }
 
@@ -155,32 +249,55 @@ fn reset(conn: TcpStream) {
     drop(conn);
 }
 
-fn log_closed(
-    src_workload: &str,
+/// What the per-connection log line says, filled in as the connection progresses.
+struct ConnectionLog<'a> {
+    src_workload: &'a str,
     dst: Option<SocketAddr>,
+    security: Security,
+    peer_identity: Option<SpiffeId>,
     transferred: Transferred,
     started: Instant,
-    error: Option<&OutboundError>,
-) {
-    let dst = dst.map_or_else(|| "unknown".to_owned(), |d| d.to_string());
-    let duration_ms = started.elapsed().as_millis() as u64;
-    match error {
-        None => info!(
+}
+
+impl<'a> ConnectionLog<'a> {
+    fn new(src_workload: &'a str, started: Instant) -> Self {
+        Self {
             src_workload,
-            dst,
-            bytes_sent = transferred.sent,
-            bytes_received = transferred.received,
-            duration_ms,
-            "connection closed"
-        ),
-        Some(error) => warn!(
-            src_workload,
-            dst,
-            bytes_sent = transferred.sent,
-            bytes_received = transferred.received,
-            duration_ms,
-            error = %error,
-            "connection closed"
-        ),
+            dst: None,
+            security: Security::None,
+            peer_identity: None,
+            transferred: Transferred::default(),
+            started,
+        }
+    }
+
+    fn closed(&self, result: Result<(), &OutboundError>) {
+        let dst = self
+            .dst
+            .map_or_else(|| "unknown".to_owned(), |d| d.to_string());
+        let peer_identity = self
+            .peer_identity
+            .as_ref()
+            .map_or_else(|| "unknown".to_owned(), ToString::to_string);
+        let duration_ms = self.started.elapsed().as_millis() as u64;
+        let (src_workload, security) = (self.src_workload, self.security.as_str());
+        let (bytes_sent, bytes_received) = (self.transferred.sent, self.transferred.received);
+        match result {
+            Ok(()) => info!(
+                src_workload,
+                dst,
+                security,
+                peer_identity,
+                bytes_sent,
+                bytes_received,
+                duration_ms,
+                "connection closed"
+            ),
+            Err(error) => warn!(
+                src_workload, dst, security, peer_identity, bytes_sent, bytes_received, duration_ms,
+                error = %error,
+                "connection closed"
+            ),
+        }
     }
 }

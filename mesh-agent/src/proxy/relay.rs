@@ -3,25 +3,28 @@
 use std::io;
 
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
-use tokio::net::TcpStream;
 
 const BUFFER_SIZE: usize = 64 * 1024;
 
-/// Bytes moved, from the point of view of the captured client.
+/// Bytes moved, from the point of view of the caller.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Transferred {
-    /// Client to destination.
+    /// Caller to destination.
     pub sent: u64,
-    /// Destination to client.
+    /// Destination to caller.
     pub received: u64,
 }
 
-/// Copies both ways until both sides have finished sending, passing half-closes through. The
-/// counts are kept even when the relay ends in an error.
-pub async fn relay(client: &mut TcpStream, upstream: &mut TcpStream) -> (Transferred, io::Result<()>) {
+/// Copies both ways between the caller's side and the destination's until both have finished
+/// sending, passing half-closes through. The counts are kept even when the relay fails.
+pub async fn relay<C, U>(caller: C, upstream: U) -> (Transferred, io::Result<()>)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
     let mut transferred = Transferred::default();
-    let (mut client_rx, mut client_tx) = client.split();
-    let (mut upstream_rx, mut upstream_tx) = upstream.split();
+    let (mut client_rx, mut client_tx) = tokio::io::split(caller);
+    let (mut upstream_rx, mut upstream_tx) = tokio::io::split(upstream);
     let result = tokio::try_join!(
         pump(&mut client_rx, &mut upstream_tx, &mut transferred.sent),
         pump(&mut upstream_rx, &mut client_tx, &mut transferred.received),

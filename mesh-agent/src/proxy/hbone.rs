@@ -1,0 +1,302 @@
+//! HBONE client: HTTP/2 `CONNECT` streams over pooled mutual-TLS connections to the agent that
+//! serves the destination workload (its IP, port 15008).
+//!
+//! One TLS connection per (source identity, destination) carries many streams; a connection
+//! with no stream for `idle_timeout` is closed.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{Request, StatusCode, Version};
+use http_body_util::Empty;
+use hyper::{client::conn::http2, upgrade::Upgraded};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls_pki_types::ServerName;
+use tokio_rustls::TlsConnector;
+use tracing::{debug, info};
+
+use crate::{
+    identity::{self, IdentityStore, SpiffeId, TrustBundle},
+    netns::NetNs,
+};
+
+/// Port of the HBONE listener on every workload IP.
+pub const HBONE_PORT: u16 = 15008;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct HboneClient {
+    pool: Mutex<HashMap<PoolKey, Slot>>,
+    identities: IdentityStore,
+    bundle: TrustBundle,
+    idle_timeout: Duration,
+}
+
+/// Serializes the establishment of a pooled connection, so that a burst of streams to a new
+/// destination opens one TLS connection, not one each.
+type Slot = Arc<tokio::sync::Mutex<Option<PooledConnection>>>;
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct PoolKey {
+    source: SpiffeId,
+    dst: SocketAddr,
+}
+
+struct PooledConnection {
+    sender: http2::SendRequest<Empty<Bytes>>,
+    peer: SpiffeId,
+    usage: Arc<Usage>,
+}
+
+struct Usage {
+    open_streams: AtomicUsize,
+    last_used: Mutex<Instant>,
+}
+
+impl Usage {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            open_streams: AtomicUsize::new(0),
+            last_used: Mutex::new(Instant::now()),
+        })
+    }
+}
+
+/// A tunnel to the destination through the far agent.
+pub struct HboneStream {
+    pub io: TokioIo<Upgraded>,
+    /// The far agent's identity, as verified by the secure naming check.
+    pub peer: SpiffeId,
+    _usage: StreamUsage,
+}
+
+/// Counts a stream as open on its pooled connection until dropped.
+struct StreamUsage(Arc<Usage>);
+
+#[derive(Debug, thiserror::Error)]
+pub enum HboneError {
+    #[error("connecting to {dst}: {source}")]
+    Connect {
+        dst: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("connecting to {dst}: timed out")]
+    ConnectTimeout { dst: SocketAddr },
+    #[error("TLS handshake with {dst}: {source}")]
+    Tls {
+        dst: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("HTTP/2 with {dst}: {source}")]
+    Http2 {
+        dst: SocketAddr,
+        source: hyper::Error,
+    },
+    #[error("{dst} refused CONNECT {authority}: {status}")]
+    Refused {
+        dst: SocketAddr,
+        authority: SocketAddr,
+        status: StatusCode,
+    },
+    #[error("{0}")]
+    Identity(String),
+}
+
+impl HboneClient {
+    pub fn new(
+        identities: IdentityStore,
+        bundle: TrustBundle,
+        idle_timeout: Duration,
+    ) -> Arc<Self> {
+        let client = Arc::new(Self {
+            pool: Mutex::new(HashMap::new()),
+            identities,
+            bundle,
+            idle_timeout,
+        });
+        tokio::spawn(close_idle_connections(Arc::downgrade(&client)));
+        client
+    }
+
+    /// Opens a stream to `authority` (the original destination) through the agent listening on
+    /// `dst` (the destination workload's IP, port 15008), which must prove one of `expected`.
+    pub async fn open(
+        &self,
+        source: &SpiffeId,
+        netns: &NetNs,
+        dst: SocketAddr,
+        expected: &[SpiffeId],
+        authority: SocketAddr,
+    ) -> Result<HboneStream, HboneError> {
+        let key = PoolKey {
+            source: source.clone(),
+            dst,
+        };
+        let (mut sender, peer, usage) = self.pooled_sender(&key, netns, expected).await?;
+        let request = Request::connect(authority.to_string())
+            .version(Version::HTTP_2)
+            .body(Empty::new())
+            .map_err(|err| HboneError::Identity(format!("building CONNECT request: {err}")))?;
+        let stream_usage = StreamUsage::open(usage);
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|source| HboneError::Http2 { dst, source })?;
+        if response.status() != StatusCode::OK {
+            return Err(HboneError::Refused {
+                dst,
+                authority,
+                status: response.status(),
+            });
+        }
+        let upgraded = hyper::upgrade::on(response)
+            .await
+            .map_err(|source| HboneError::Http2 { dst, source })?;
+        Ok(HboneStream {
+            io: TokioIo::new(upgraded),
+            peer,
+            _usage: stream_usage,
+        })
+    }
+
+    async fn pooled_sender(
+        &self,
+        key: &PoolKey,
+        netns: &NetNs,
+        expected: &[SpiffeId],
+    ) -> Result<(http2::SendRequest<Empty<Bytes>>, SpiffeId, Arc<Usage>), HboneError> {
+        let slot = {
+            let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+            pool.entry(key.clone()).or_default().clone()
+        };
+        let mut slot = slot.lock().await;
+        if let Some(conn) = slot.as_ref().filter(|c| !c.sender.is_closed()) {
+            return Ok((conn.sender.clone(), conn.peer.clone(), conn.usage.clone()));
+        }
+        let conn = self.establish(key, netns, expected).await?;
+        let found = (conn.sender.clone(), conn.peer.clone(), conn.usage.clone());
+        *slot = Some(conn);
+        Ok(found)
+    }
+
+    /// TCP from inside the source workload's namespace, then mutual TLS, then HTTP/2.
+    async fn establish(
+        &self,
+        key: &PoolKey,
+        netns: &NetNs,
+        expected: &[SpiffeId],
+    ) -> Result<PooledConnection, HboneError> {
+        let dst = key.dst;
+        let socket = netns
+            .tcp_socket_for(&dst)
+            .map_err(|source| HboneError::Connect { dst, source })?;
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst))
+            .await
+            .map_err(|_| HboneError::ConnectTimeout { dst })?
+            .map_err(|source| HboneError::Connect { dst, source })?;
+        let _ = tcp.set_nodelay(true);
+
+        let config = identity::client_config(
+            self.identities.clone(),
+            key.source.clone(),
+            self.bundle.clone(),
+            expected.to_vec(),
+        )
+        .map_err(|err| HboneError::Identity(format!("{err:#}")))?;
+        let tls = TlsConnector::from(config)
+            .connect(ServerName::IpAddress(dst.ip().into()), tcp)
+            .await
+            .map_err(|source| HboneError::Tls { dst, source })?;
+        let peer = identity::peer_identity(tls.get_ref().1)
+            .map_err(|err| HboneError::Identity(err.to_string()))?;
+
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|source| HboneError::Http2 { dst, source })?;
+        info!(
+            src_identity = %key.source,
+            dst = %dst,
+            peer_identity = %peer,
+            "hbone connection established"
+        );
+        let (source, closed_peer) = (key.source.clone(), peer.clone());
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                debug!(error = %err, "hbone connection ended with an error");
+            }
+            info!(src_identity = %source, dst = %dst, peer_identity = %closed_peer, "hbone connection closed");
+        });
+        Ok(PooledConnection {
+            sender,
+            peer,
+            usage: Usage::new(),
+        })
+    }
+
+    /// Drops pooled connections without streams for `idle_timeout`; hyper closes a connection
+    /// once its last sender is gone.
+    fn drop_idle(&self) {
+        let pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        for slot in pool.values() {
+            let Ok(mut slot) = slot.try_lock() else {
+                continue;
+            };
+            if slot
+                .as_ref()
+                .is_some_and(|c| c.is_idle_for(self.idle_timeout))
+            {
+                *slot = None;
+            }
+        }
+    }
+}
+
+async fn close_idle_connections(client: std::sync::Weak<HboneClient>) {
+    let period = match client.upgrade() {
+        Some(client) => (client.idle_timeout / 2).max(Duration::from_millis(100)),
+        None => return,
+    };
+    loop {
+        tokio::time::sleep(period).await;
+        match client.upgrade() {
+            Some(client) => client.drop_idle(),
+            None => return,
+        }
+    }
+}
+
+impl PooledConnection {
+    fn is_idle_for(&self, timeout: Duration) -> bool {
+        if self.usage.open_streams.load(Ordering::Acquire) > 0 {
+            return false;
+        }
+        let last_used = *self
+            .usage
+            .last_used
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        last_used.elapsed() >= timeout
+    }
+}
+
+impl StreamUsage {
+    fn open(usage: Arc<Usage>) -> Self {
+        usage.open_streams.fetch_add(1, Ordering::AcqRel);
+        Self(usage)
+    }
+}
+
+impl Drop for StreamUsage {
+    fn drop(&mut self) {
+        *self.0.last_used.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        self.0.open_streams.fetch_sub(1, Ordering::AcqRel);
+    }
+}
