@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::pod::run_with_timeout;
-use crate::pod::{Pod, tail_of};
+use crate::pod::{ChildGuard, Pod, tail_of};
 use crate::sys::{self, BPFFS, CGROUP_ROOT, ip, ip_in};
 
 /// How long an agent may take to log `agent ready`.
@@ -563,6 +563,26 @@ impl Cluster {
         Ok(())
     }
 
+    /// Starts `program` in the node's network namespace (and the node's own cgroup, outside
+    /// its pods), e.g. a packet capture on the node's link; killed on drop.
+    pub fn spawn_in_node<I, S>(&self, node: &str, program: &str, args: I) -> Result<ChildGuard>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let n = self.node(node)?;
+        let mut cmd = Command::new(program);
+        cmd.args(args).stdin(Stdio::null());
+        sys::place(&mut cmd, n.cgroup(), &n.netns_path())?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawn {program} in node {node}"))?;
+        Ok(ChildGuard {
+            child,
+            name: format!("{program} in node {node}"),
+        })
+    }
+
     /// The mesh CA made by `mesh-agent ca init` for this cluster: `ca-cert.pem`, `ca-key.pem`.
     pub fn ca_dir(&self) -> PathBuf {
         self.workdir.join("ca")
@@ -630,6 +650,12 @@ impl Cluster {
     /// Starts `mesh-agent run` for `node` (in the node's `agent` cgroup and
     /// netns) and waits until it logs `agent ready`.
     pub fn start_agent(&self, node: &str) -> Result<()> {
+        self.start_agent_with(node, &self.cluster_file)
+    }
+
+    /// Like [`Cluster::start_agent`], but the agent reads `cluster_file` (for tests where one
+    /// node's view of the mesh differs from the others').
+    pub fn start_agent_with(&self, node: &str, cluster_file: &Path) -> Result<()> {
         let n = self.node(node)?;
         if self.agents.lock().unwrap().contains_key(node) {
             bail!("agent for {node} already running");
@@ -651,7 +677,7 @@ impl Cluster {
         let mut cmd = Command::new(&bin);
         cmd.arg("run")
             .arg("--cluster")
-            .arg(&self.cluster_file)
+            .arg(cluster_file)
             .args(["--node", node, "--bpf-pin-dir"])
             .arg(&n.pin_dir)
             .args(["--log-format", "json"])

@@ -24,6 +24,6 @@ pub use store::{
     CertificateIssuer, DEFAULT_CERT_LIFETIME, INITIAL_RETRY_DELAY, IdentityStore, MAX_RETRY_DELAY,
 };
 pub use tls::{
-    ALPN_H2, TlsConfigError, VerifyError, client_config, peer_identity, server_config,
-    spiffe_id_of_certificate,
+    ALPN_H2, TlsConfigError, VerifyError, client_config, peer_identity, rejection_kind,
+    server_config, spiffe_id_of_certificate,
 };

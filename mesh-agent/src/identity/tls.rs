@@ -358,3 +358,60 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         self.algorithms.supported_schemes()
     }
 }
+
+/// A short, stable name for why a TLS handshake failed, for log lines and metrics labels:
+/// `unknown_ca`, `expired`, `not_yet_valid`, `wrong_trust_domain`, `missing_spiffe_id`,
+/// `malformed_spiffe_id`, `secure_naming_mismatch`, `no_client_certificate`, `not_http2`,
+/// `not_tls`, `peer_alert`, `connection_closed`, or `tls_error`.
+pub fn rejection_kind(err: &(dyn std::error::Error + 'static)) -> &'static str {
+    if let Some(verify) = VerifyError::of(err) {
+        return match verify {
+            VerifyError::MissingSpiffeId => "missing_spiffe_id",
+            VerifyError::SeveralUriSans { .. }
+            | VerifyError::MalformedSpiffeId { .. }
+            | VerifyError::UnparsableCertificate(_) => "malformed_spiffe_id",
+            VerifyError::WrongTrustDomain { .. } => "wrong_trust_domain",
+            VerifyError::SecureNamingMismatch { .. } => "secure_naming_mismatch",
+            VerifyError::NoPeerCertificate => "no_client_certificate",
+        };
+    }
+    match find_rustls_error(err) {
+        Some(rustls::Error::InvalidCertificate(cert)) => match cert {
+            CertificateError::UnknownIssuer | CertificateError::BadSignature => "unknown_ca",
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired",
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                "not_yet_valid"
+            }
+            _ => "invalid_certificate",
+        },
+        Some(rustls::Error::NoCertificatesPresented) => "no_client_certificate",
+        Some(rustls::Error::NoApplicationProtocol) => "not_http2",
+        Some(rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. }) => {
+            "not_tls"
+        }
+        Some(rustls::Error::AlertReceived(_)) => "peer_alert",
+        Some(_) => "tls_error",
+        None => match err
+            .downcast_ref::<std::io::Error>()
+            .map(std::io::Error::kind)
+        {
+            Some(std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset) => {
+                "connection_closed"
+            }
+            _ => "tls_error",
+        },
+    }
+}
+
+fn find_rustls_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    if let Some(found) = err.downcast_ref::<rustls::Error>() {
+        return Some(found);
+    }
+    if let Some(inner) = err
+        .downcast_ref::<std::io::Error>()
+        .and_then(|io| io.get_ref())
+    {
+        return find_rustls_error(inner);
+    }
+    err.source().and_then(find_rustls_error)
+}

@@ -29,7 +29,10 @@ use crate::{
 };
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-const ALPN_H2: &[u8] = b"h2";
+/// A peer that does not finish its handshake in this time is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Every TLS connection opens with a handshake record.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 /// One local workload, as its HBONE listeners serve it.
 pub struct Inbound {
@@ -47,6 +50,12 @@ struct Target {
 /// Why an inbound connection or stream was turned away; each has its own log line.
 #[derive(Debug, thiserror::Error)]
 enum Rejection {
+    #[error("not a TLS client (plaintext on the mTLS port?)")]
+    NotTls,
+    #[error("closed before the TLS handshake")]
+    ClosedEarly,
+    #[error("TLS handshake timed out after {HANDSHAKE_TIMEOUT:?}")]
+    HandshakeTimeout,
     #[error("TLS handshake failed: {0}")]
     Handshake(std::io::Error),
     #[error("client did not negotiate HTTP/2 (ALPN h2)")]
@@ -59,6 +68,23 @@ enum Rejection {
     BadAuthority(String),
     #[error("authority {0} is not a workload this listener serves")]
     NotServedHere(SocketAddr),
+}
+
+impl Rejection {
+    /// Stable names for logs and metrics.
+    fn kind(&self) -> &'static str {
+        match self {
+            Rejection::NotTls => "not_tls",
+            Rejection::ClosedEarly => "connection_closed",
+            Rejection::HandshakeTimeout => "handshake_timeout",
+            Rejection::Handshake(err) => identity::rejection_kind(err),
+            Rejection::NotHttp2 => "not_http2",
+            Rejection::NoPeerIdentity(_) => "no_client_certificate",
+            Rejection::NotConnect(_) => "not_connect",
+            Rejection::BadAuthority(_) => "bad_authority",
+            Rejection::NotServedHere(_) => "authority_not_served",
+        }
+    }
 }
 
 impl Inbound {
@@ -117,7 +143,13 @@ async fn serve_connection(tcp: TcpStream, peer_addr: SocketAddr, target: Arc<Tar
     let peer = match accept_mtls(tcp, &target).await {
         Ok(accepted) => accepted,
         Err(rejection) => {
-            warn!(workload = %target.name, peer_addr = %peer_addr, reason = %rejection, "inbound connection rejected");
+            warn!(
+                workload = %target.name,
+                peer_addr = %peer_addr,
+                rejection = rejection.kind(),
+                reason = %rejection,
+                "inbound connection rejected"
+            );
             return;
         }
     };
@@ -140,14 +172,30 @@ async fn accept_mtls(
     target: &Target,
 ) -> Result<(tokio_rustls::server::TlsStream<TcpStream>, SpiffeId), Rejection> {
     let _ = tcp.set_nodelay(true);
-    let tls = target.tls.accept(tcp).await.map_err(Rejection::Handshake)?;
+    let handshake = async {
+        expect_tls(&tcp).await?;
+        target.tls.accept(tcp).await.map_err(Rejection::Handshake)
+    };
+    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+        .await
+        .map_err(|_| Rejection::HandshakeTimeout)??;
     let session = tls.get_ref().1;
-    if session.alpn_protocol() != Some(ALPN_H2) {
+    if session.alpn_protocol() != Some(identity::ALPN_H2) {
         return Err(Rejection::NotHttp2);
     }
     let identity = identity::peer_identity(session)
         .map_err(|err| Rejection::NoPeerIdentity(err.to_string()))?;
     Ok((tls, identity))
+}
+
+/// Tells a plaintext client from a broken TLS one, for a clearer log line.
+async fn expect_tls(tcp: &TcpStream) -> Result<(), Rejection> {
+    let mut first = [0u8; 1];
+    match tcp.peek(&mut first).await {
+        Ok(0) | Err(_) => Err(Rejection::ClosedEarly),
+        Ok(_) if first[0] != TLS_HANDSHAKE_RECORD => Err(Rejection::NotTls),
+        Ok(_) => Ok(()),
+    }
 }
 
 async fn handle_request(
@@ -158,7 +206,13 @@ async fn handle_request(
     let dst = match authorized_destination(&request, &target) {
         Ok(dst) => dst,
         Err(rejection) => {
-            warn!(workload = %target.name, peer_identity = %peer, reason = %rejection, "inbound stream rejected");
+            warn!(
+                workload = %target.name,
+                peer_identity = %peer,
+                rejection = rejection.kind(),
+                reason = %rejection,
+                "inbound stream rejected"
+            );
             return Ok(status(StatusCode::BAD_REQUEST));
         }
     };

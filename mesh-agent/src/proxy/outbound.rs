@@ -24,7 +24,7 @@ use super::{
 };
 use crate::{
     ebpf::OrigDstTable,
-    identity::{SpiffeId, SpiffeIdError},
+    identity::{self, SpiffeId, SpiffeIdError},
     netns::{self, NetNs},
     workload::{Cluster, Name, Workload},
 };
@@ -230,6 +230,18 @@ async fn forward_hbone(
     result.map_err(OutboundError::Relay)
 }
 
+impl OutboundError {
+    /// Why the far agent's TLS handshake was refused, when that is what failed.
+    fn rejection(&self) -> Option<&'static str> {
+        match self {
+            OutboundError::Hbone(HboneError::Tls { source, .. }) => {
+                Some(identity::rejection_kind(source))
+            }
+            _ => None,
+        }
+    }
+}
+
 impl Mesh {
     fn route(&self, dst: SocketAddr) -> Result<Route, SpiffeIdError> {
         Ok(match self.cluster.workload_by_ip(dst.ip()) {
@@ -295,6 +307,7 @@ impl<'a> ConnectionLog<'a> {
             ),
             Err(error) => warn!(
                 src_workload, dst, security, peer_identity, bytes_sent, bytes_received, duration_ms,
+                rejection = error.rejection(),
                 error = %error,
                 "connection closed"
             ),
