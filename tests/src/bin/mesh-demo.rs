@@ -209,23 +209,44 @@ fn print_step(n: u32, from: &Pod, what: &str, out: &RunOutput) {
     println!("   {n}. {:<9} {what}\n        -> {result}", from.name());
 }
 
+/// Kiali draws a lock for mutual TLS; so does the demo.
+fn security_of(c: &ConnectionLog) -> String {
+    match c.other.get("security").and_then(|v| v.as_str()) {
+        Some("mutual_tls") => "mTLS (locked)".to_owned(),
+        Some("none") => "plaintext".to_owned(),
+        _ => "unknown".to_owned(),
+    }
+}
+
+fn text_field(c: &ConnectionLog, name: &str) -> String {
+    c.other
+        .get(name)
+        .and_then(|v| v.as_str())
+        .unwrap_or("unknown")
+        .to_owned()
+}
+
 fn print_table(rows: &[(String, ConnectionLog)]) {
     let header = [
         "NODE",
         "SOURCE",
         "DESTINATION",
+        "SECURITY",
+        "PEER IDENTITY",
         "SENT",
         "RECEIVED",
         "DURATION",
         "ERROR",
     ];
-    let cells: Vec<[String; 7]> = rows
+    let cells: Vec<[String; 9]> = rows
         .iter()
         .map(|(node, c)| {
             [
                 node.clone(),
                 c.src_workload.clone(),
                 c.dst.clone(),
+                security_of(c),
+                text_field(c, "peer_identity"),
                 c.bytes_sent.to_string(),
                 c.bytes_received.to_string(),
                 format!("{} ms", c.duration_ms),
@@ -239,13 +260,13 @@ fn print_table(rows: &[(String, ConnectionLog)]) {
             *w = (*w).max(cell.len());
         }
     }
-    let line = |row: [&str; 7]| {
+    let line = |row: [&str; 9]| {
         let cols: Vec<String> = row
             .iter()
             .zip(width)
             .enumerate()
             .map(|(i, (s, w))| {
-                if (3..6).contains(&i) {
+                if (5..8).contains(&i) {
                     format!("{s:>w$}")
                 } else {
                     format!("{s:<w$}")
