@@ -13,10 +13,13 @@ use tracing::{error, info, warn};
 
 use std::sync::Arc;
 
+use tokio::sync::watch;
+
 use crate::{
     ebpf::{self, Capture},
     identity::{CertificateAuthority, IdentityStore, SpiffeId, TrustBundle, server_config},
-    netns::{self, NetNs},
+    netns,
+    policy::{PolicySet, PolicyWatcher},
     proxy::{
         hbone::HboneClient,
         inbound::Inbound,
@@ -24,6 +27,8 @@ use crate::{
     },
     workload::{Cluster, IdentityConfig, Node, Workload},
 };
+
+const POLICY_POLL_INTERVAL: Duration = Duration::from_millis(500);
 
 pub struct Config {
     pub cluster_file: PathBuf,
@@ -58,7 +63,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let node_context = NodeContext {
         mesh: Arc::new(Mesh {
             cluster: cluster.clone(),
-            local_node: node.name.clone(),
             hbone: HboneClient::new(
                 identities.clone(),
                 bundle.clone(),
@@ -67,11 +71,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }),
         identities,
         bundle,
+        policy: start_policy(&cluster, &shutdown).await?,
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),
     };
     let enrolled = enrol_workloads(node, &mut capture, &node_context);
     capture.retain_enrolled(&enrolled)?;
+    let local_ips: Vec<_> = node.workloads.iter().flat_map(|w| w.ips.clone()).collect();
+    capture.retain_inbound(&local_ips)?;
     info!(
         node = %node.name,
         workloads = enrolled.len(),
@@ -104,8 +111,23 @@ struct NodeContext {
     mesh: Arc<Mesh>,
     identities: IdentityStore,
     bundle: TrustBundle,
+    policy: watch::Receiver<Arc<PolicySet>>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+}
+
+/// Loads the policies the cluster file names and keeps them current; without a path, the mesh
+/// runs with none (PERMISSIVE, everything allowed), as Istio does.
+async fn start_policy(
+    cluster: &Cluster,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<watch::Receiver<Arc<PolicySet>>> {
+    let root = &cluster.policy.root_namespace;
+    match &cluster.policy.path {
+        None => Ok(watch::channel(Arc::new(PolicySet::empty(root))).1),
+        Some(path) => PolicyWatcher::spawn(path, root, POLICY_POLL_INTERVAL, shutdown.clone())
+            .with_context(|| format!("loading policy from {}", path.display())),
+    }
 }
 
 /// Loads the CA and the trust bundle, issues a certificate to every identity of the node's
@@ -171,11 +193,12 @@ fn enrol(capture: &mut Capture, workload: &Workload) -> anyhow::Result<u64> {
     capture.enroll(&workload.cgroup)
 }
 
-/// Outbound listeners (captured connections) and inbound HBONE listeners (the workload's IPs,
-/// port 15008), all inside the workload's namespace.
+/// Outbound listeners (captured connections), inbound HBONE listeners (the workload's IPs, port
+/// 15008) and inbound plaintext listeners (15006, fed by `sk_lookup`), all inside the workload's
+/// namespace; inbound capture starts once they listen.
 fn serve_workload(
     workload: &Workload,
-    capture: &Capture,
+    capture: &mut Capture,
     context: &NodeContext,
 ) -> anyhow::Result<()> {
     let trust_domain = &context.mesh.cluster.trust_domain;
@@ -193,13 +216,16 @@ fn serve_workload(
         trust_domain.as_str(),
     )?;
     let inbound = Inbound::listen(
-        workload.qualified_name(),
-        workload.ips.clone(),
-        NetNs::open(&workload.netns)?,
+        workload,
         tls,
+        context.policy.clone(),
+        context.shutdown.clone(),
     )?;
+    capture
+        .capture_inbound(inbound.netns(), &workload.ips, inbound.plaintext_listener())
+        .context("capturing inbound connections")?;
     outbound.serve(&context.shutdown, &context.tracker);
-    inbound.serve(&context.shutdown, &context.tracker);
+    inbound.serve(&context.tracker);
     Ok(())
 }
 

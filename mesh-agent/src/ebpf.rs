@@ -8,6 +8,7 @@
 //! <pin-dir>/v1/links/mesh_connect4  cgroup attachments; they outlive the agent, so that
 //! <pin-dir>/v1/links/mesh_connect6  captured workloads fail closed while it is away
 //! <pin-dir>/v1/links/mesh_sock_ops
+//! <pin-dir>/v1/links/mesh_sk_lookup_<netns inode>   inbound capture, one per workload namespace
 //! ```
 
 use std::{
@@ -22,10 +23,14 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData},
-    programs::{CgroupAttachMode, CgroupSockAddr, SockOps, links::FdLink, links::PinnedLink},
+    maps::{Array, HashMap, MapData, SockHash},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps, links::FdLink, links::PinnedLink,
+    },
 };
-use mesh_ebpf_common::{AF_INET, AF_INET6, Enrollment, PeerKey, SockAddr, maps, programs};
+use mesh_ebpf_common::{AF_INET, AF_INET6, Enrollment, IpKey, PeerKey, SockAddr, maps, programs};
+
+use crate::netns::NetNs;
 
 /// The compiled `mesh-ebpf` object, built by this crate's build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));
@@ -35,12 +40,16 @@ const PIN_LAYOUT: &str = "v1";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
 
-/// The node's capture programs, attached to its workload cgroup subtree.
+/// The node's capture programs: outbound ones attached to its workload cgroup subtree, inbound
+/// ones to each workload's network namespace.
 pub struct Capture {
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
+    links_dir: PathBuf,
     enrolled: HashMap<MapData, u64, Enrollment>,
     excluded_ports: Array<MapData, u8>,
     orig_dst: OrigDstTable,
+    inbound_enrolled: HashMap<MapData, IpKey, u32>,
+    inbound_listeners: SockHash<MapData, IpKey>,
 }
 
 /// Where the kernel recorded each captured connection's original destination.
@@ -80,6 +89,8 @@ impl Capture {
             .with_context(|| format!("attaching sock_ops to {}", workload_cgroup.display()))?;
         let link: FdLink = sock_ops.take_link(link_id)?.try_into()?;
         replace_pinned_link(link, &links_dir.join(programs::SOCK_OPS))?;
+        let sk_lookup: &mut SkLookup = program_mut(&mut ebpf, programs::SK_LOOKUP)?;
+        sk_lookup.load().context("loading sk_lookup")?;
 
         Ok(Self {
             enrolled: take_map(&mut ebpf, maps::ENROLLED)?,
@@ -88,8 +99,56 @@ impl Capture {
                 &mut ebpf,
                 maps::ORIG_BY_PEER,
             )?))),
-            _ebpf: ebpf,
+            inbound_enrolled: take_map(&mut ebpf, maps::INBOUND_ENROLLED)?,
+            inbound_listeners: take_map(&mut ebpf, maps::INBOUND_LISTENERS)?,
+            links_dir,
+            ebpf,
         })
+    }
+
+    /// Captures every inbound TCP connection to the workload's `ips` from outside its pod:
+    /// `sk_lookup` hands each to `listener` (the agent's dual-stack plaintext listener in the
+    /// workload's namespace). While no listener is registered, for instance while no agent runs,
+    /// such connections are refused.
+    pub fn capture_inbound(
+        &mut self,
+        netns: &NetNs,
+        ips: &[IpAddr],
+        listener: &tokio::net::TcpListener,
+    ) -> anyhow::Result<()> {
+        for ip in ips {
+            let key = ip_key(*ip);
+            self.inbound_listeners
+                .insert(key, std::os::fd::AsRawFd::as_raw_fd(listener), 0)
+                .with_context(|| format!("registering the inbound listener for {ip}"))?;
+            self.inbound_enrolled
+                .insert(key, 1, 0)
+                .with_context(|| format!("enrolling {ip} for inbound capture"))?;
+        }
+        let pin = self
+            .links_dir
+            .join(format!("{}_{}", programs::SK_LOOKUP, netns.inode()?));
+        let sk_lookup: &mut SkLookup = program_mut(&mut self.ebpf, programs::SK_LOOKUP)?;
+        let link_id = sk_lookup
+            .attach(netns)
+            .with_context(|| format!("attaching sk_lookup to {}", netns.path().display()))?;
+        let link: FdLink = sk_lookup.take_link(link_id)?.into();
+        replace_pinned_link(link, &pin)
+    }
+
+    /// Stops capturing inbound connections to IPs not in `keep`.
+    pub fn retain_inbound(&mut self, keep: &[IpAddr]) -> anyhow::Result<()> {
+        let keep: HashSet<IpKey> = keep.iter().map(|ip| ip_key(*ip)).collect();
+        let stale: Vec<IpKey> = self
+            .inbound_enrolled
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| !keep.contains(key))
+            .collect();
+        for key in stale {
+            self.inbound_enrolled.remove(&key)?;
+        }
+        Ok(())
     }
 
     /// Captures the connections of every process in `cgroup` and below.
@@ -250,18 +309,29 @@ fn is_bpffs(path: &Path) -> anyhow::Result<bool> {
 }
 
 fn to_kernel(addr: SocketAddr) -> SockAddr {
-    match addr.ip().to_canonical() {
-        IpAddr::V4(ip) => SockAddr {
+    let IpKey {
+        family,
+        addr: words,
+    } = ip_key(addr.ip());
+    SockAddr {
+        family,
+        port: u32::from(addr.port()),
+        addr: words,
+    }
+}
+
+/// An address as the kernel lays it out: network byte order, IPv4 in the first word.
+fn ip_key(ip: IpAddr) -> IpKey {
+    match ip.to_canonical() {
+        IpAddr::V4(ip) => IpKey {
             family: AF_INET,
-            port: u32::from(addr.port()),
             addr: [u32::from_ne_bytes(ip.octets()), 0, 0, 0],
         },
         IpAddr::V6(ip) => {
             let o = ip.octets();
             let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-            SockAddr {
+            IpKey {
                 family: AF_INET6,
-                port: u32::from(addr.port()),
                 addr: [word(0), word(4), word(8), word(12)],
             }
         }

@@ -7,9 +7,11 @@
 //! - [`agent`]: one node's agent, tying them together;
 //! - [`netns`]: sockets inside workloads' network namespaces.
 
+pub mod admin;
 pub mod agent;
 pub mod ebpf;
 pub mod identity;
 pub mod netns;
+pub mod policy;
 pub mod proxy;
 pub mod workload;

@@ -47,6 +47,12 @@ impl NetNs {
         &self.path
     }
 
+    /// The namespace's inode number: stable for its lifetime, unique on the machine.
+    pub fn inode(&self) -> io::Result<u64> {
+        use std::os::unix::fs::MetadataExt as _;
+        Ok(self.file.metadata()?.ino())
+    }
+
     /// Binds a listener inside this namespace.
     pub fn bind(&self, addr: SocketAddr) -> io::Result<TcpListener> {
         let listener = self.inside(|| TcpListener::bind(addr))??;
@@ -97,5 +103,11 @@ pub fn netns_cookie(socket: &impl AsRawFd) -> io::Result<u64> {
         Ok(cookie)
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+impl AsFd for NetNs {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.file.as_fd()
     }
 }

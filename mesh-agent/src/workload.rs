@@ -26,6 +26,8 @@ pub struct Cluster {
     pub identity: IdentityConfig,
     #[serde(default)]
     pub hbone: HboneConfig,
+    #[serde(default)]
+    pub policy: PolicyConfig,
     #[serde(deserialize_with = "nodes_without_conflicts")]
     pub nodes: Vec<Node>,
 }
@@ -52,6 +54,31 @@ pub struct HboneConfig {
     /// A pooled connection without streams for this long is closed.
     #[serde(default = "default_idle_timeout", with = "humantime_serde")]
     pub idle_timeout: Duration,
+}
+
+/// Where Istio security policies are read from (docs/policy.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// A YAML file or a directory of them; none means no policy (PERMISSIVE, allow all).
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// The namespace whose policies without selector apply to the whole mesh.
+    #[serde(default = "default_root_namespace")]
+    pub root_namespace: String,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            path: None,
+            root_namespace: default_root_namespace(),
+        }
+    }
+}
+
+fn default_root_namespace() -> String {
+    "istio-system".to_owned()
 }
 
 impl Default for HboneConfig {
@@ -162,6 +189,7 @@ impl Cluster {
         for path in [&mut identity.ca_cert, &mut identity.ca_key]
             .into_iter()
             .chain(identity.trust_bundle.as_mut())
+            .chain(self.policy.path.as_mut())
         {
             if path.is_relative() {
                 *path = base.join(&*path);

@@ -6,6 +6,11 @@
 
 /// Port of the agent's outbound listener inside each enrolled workload's network namespace.
 pub const OUTBOUND_PORT: u16 = 15001;
+/// Port of the agent's inbound plaintext listener inside each workload's namespace: where
+/// `sk_lookup` steers every inbound connection that is not HBONE.
+pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+/// Port of the agent's HBONE (mutual TLS) listener on every workload IP.
+pub const HBONE_PORT: u16 = 15008;
 
 pub const AF_INET: u32 = 2;
 pub const AF_INET6: u32 = 10;
@@ -24,6 +29,10 @@ pub mod maps {
     pub const ORIG_BY_COOKIE: &str = "MESH_ORIG_BY_COOKIE";
     /// [`super::PeerKey`] -> [`super::SockAddr`], written once the source port is known.
     pub const ORIG_BY_PEER: &str = "MESH_ORIG_BY_PEER";
+    /// [`super::IpKey`] of a workload IP -> 1: inbound connections to it are captured.
+    pub const INBOUND_ENROLLED: &str = "MESH_INBOUND_ENROLLED";
+    /// [`super::IpKey`] of a workload IP -> the agent's plaintext listener in its namespace.
+    pub const INBOUND_LISTENERS: &str = "MESH_INBOUND_LISTENERS";
 }
 
 /// Program names (the Rust function names in `mesh-ebpf`).
@@ -31,6 +40,7 @@ pub mod programs {
     pub const CONNECT4: &str = "mesh_connect4";
     pub const CONNECT6: &str = "mesh_connect6";
     pub const SOCK_OPS: &str = "mesh_sock_ops";
+    pub const SK_LOOKUP: &str = "mesh_sk_lookup";
 }
 
 /// A TCP endpoint as the kernel sees it. `addr` holds the address in network byte order as the
@@ -64,6 +74,14 @@ pub struct PeerKey {
     pub peer: SockAddr,
 }
 
+/// A workload IP, laid out as in [`SockAddr`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct IpKey {
+    pub family: u32,
+    pub addr: [u32; 4],
+}
+
 /// Value of the enrollment map. `flags` is reserved for per-workload capture options.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -78,6 +96,7 @@ mod pod {
     unsafe impl aya::Pod for super::PendingOrigDst {}
     unsafe impl aya::Pod for super::PeerKey {}
     unsafe impl aya::Pod for super::Enrollment {}
+    unsafe impl aya::Pod for super::IpKey {}
 }
 
 #[cfg(test)]
@@ -89,5 +108,6 @@ mod tests {
         assert_eq!(size_of::<super::SockAddr>(), 24);
         assert_eq!(size_of::<super::PendingOrigDst>(), 32);
         assert_eq!(size_of::<super::PeerKey>(), 32);
+        assert_eq!(size_of::<super::IpKey>(), 20);
     }
 }

@@ -1,16 +1,16 @@
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, bpf_sock_addr},
+    bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, bpf_sock_addr, sk_action},
     helpers::generated::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
     },
-    macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{Array, HashMap, LruHashMap},
-    programs::{SockAddrContext, SockOpsContext},
+    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+    maps::{Array, HashMap, LruHashMap, SockHash},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
 };
 use mesh_ebpf_common::{
-    AF_INET, AF_INET6, Enrollment, MAX_CGROUP_DEPTH, OUTBOUND_PORT, PeerKey, PendingOrigDst,
-    SockAddr,
+    AF_INET, AF_INET6, Enrollment, HBONE_PORT, IpKey, MAX_CGROUP_DEPTH, OUTBOUND_PORT, PeerKey,
+    PendingOrigDst, SockAddr,
 };
 
 /// `connect()` verdicts of cgroup sock_addr programs.
@@ -36,6 +36,16 @@ static ORIG_BY_COOKIE: LruHashMap<u64, PendingOrigDst> = LruHashMap::pinned(6553
 
 #[map(name = "MESH_ORIG_BY_PEER")]
 static ORIG_BY_PEER: LruHashMap<PeerKey, SockAddr> = LruHashMap::pinned(65536, 0);
+
+#[map(name = "MESH_INBOUND_ENROLLED")]
+static INBOUND_ENROLLED: HashMap<IpKey, u32> = HashMap::pinned(16384, 0);
+
+#[map(name = "MESH_INBOUND_LISTENERS")]
+static INBOUND_LISTENERS: SockHash<IpKey> = SockHash::pinned(16384, 0);
+
+const IPPROTO_TCP: u32 = 6;
+/// The loopback device is interface 1 in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
 
 #[cgroup_sock_addr(connect4)]
 pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
@@ -215,4 +225,80 @@ fn is_loopback4(ip4: u32) -> bool {
 fn is_loopback6(ip6: [u32; 4]) -> bool {
     let v4_mapped = ip6[0] == 0 && ip6[1] == 0 && ip6[2] == V4_MAPPED_MARKER;
     ip6 == LOOPBACK6 || (v4_mapped && is_loopback4(ip6[3]))
+}
+
+/// Inbound capture, attached to each enrolled workload's network namespace: every TCP connection
+/// that arrives from outside the pod for one of the workload's IPs, on any port but HBONE's, is
+/// handed to the agent's plaintext listener, which applies the workload's mTLS mode and policy.
+/// Connections from inside the pod (loopback, including the agent's own deliveries) are not
+/// touched. With the workload enrolled but no listener (no agent), the connection is refused.
+#[sk_lookup]
+pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
+    let lookup = ctx.lookup;
+    // SAFETY: `lookup` is the kernel's context pointer; fields are copied out one load each.
+    let (protocol, ifindex, local_port, family) = unsafe {
+        (
+            core::ptr::read_volatile(&(*lookup).protocol),
+            core::ptr::read_volatile(&(*lookup).ingress_ifindex),
+            core::ptr::read_volatile(&(*lookup).local_port),
+            core::ptr::read_volatile(&(*lookup).family),
+        )
+    };
+    if protocol != IPPROTO_TCP || ifindex == LOOPBACK_IFINDEX || local_port == u32::from(HBONE_PORT)
+    {
+        return sk_action::SK_PASS;
+    }
+    if EXCLUDED_PORTS
+        .get(local_port)
+        .is_some_and(|flag| *flag != 0)
+    {
+        return sk_action::SK_PASS;
+    }
+    let (local, remote) = lookup_addresses(&ctx, family);
+    // From the pod's own address: the pod talking to itself, or the agent delivering a
+    // connection it already admitted.
+    if local == remote {
+        return sk_action::SK_PASS;
+    }
+    let key = IpKey {
+        family,
+        addr: local,
+    };
+    // SAFETY: only presence is checked.
+    if unsafe { INBOUND_ENROLLED.get(&key) }.is_none() {
+        return sk_action::SK_PASS;
+    }
+    match INBOUND_LISTENERS.redirect_sk_lookup(&ctx, key, 0) {
+        Ok(()) => sk_action::SK_PASS,
+        Err(_) => sk_action::SK_DROP,
+    }
+}
+
+/// The local and remote addresses of a lookup, laid out as [`IpKey`] addresses.
+fn lookup_addresses(ctx: &SkLookupContext, family: u32) -> ([u32; 4], [u32; 4]) {
+    let lookup = ctx.lookup;
+    // SAFETY: as above; every field is a plain u32 load.
+    unsafe {
+        if family == AF_INET {
+            (
+                [core::ptr::read_volatile(&(*lookup).local_ip4), 0, 0, 0],
+                [core::ptr::read_volatile(&(*lookup).remote_ip4), 0, 0, 0],
+            )
+        } else {
+            (
+                [
+                    core::ptr::read_volatile(&(*lookup).local_ip6[0]),
+                    core::ptr::read_volatile(&(*lookup).local_ip6[1]),
+                    core::ptr::read_volatile(&(*lookup).local_ip6[2]),
+                    core::ptr::read_volatile(&(*lookup).local_ip6[3]),
+                ],
+                [
+                    core::ptr::read_volatile(&(*lookup).remote_ip6[0]),
+                    core::ptr::read_volatile(&(*lookup).remote_ip6[1]),
+                    core::ptr::read_volatile(&(*lookup).remote_ip6[2]),
+                    core::ptr::read_volatile(&(*lookup).remote_ip6[3]),
+                ],
+            )
+        }
+    }
 }

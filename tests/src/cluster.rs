@@ -284,6 +284,9 @@ impl Node {
     }
 }
 
+/// The cluster file's `policy.path`, relative to the cluster file.
+const POLICY_DIR: &str = "policies";
+
 /// A running agent.
 struct Agent {
     child: Child,
@@ -598,8 +601,75 @@ impl Cluster {
         Ok(())
     }
 
+    /// Every pod's name resolves to its addresses, as a Service name would in Kubernetes.
+    fn write_hosts_file(&self) -> Result<()> {
+        // The machine's own entries first: programs look up their host's name at start (Python's
+        // http.server does), and a miss goes to DNS, which is out of reach here.
+        let mut hosts = fs::read_to_string("/etc/hosts").unwrap_or_default();
+        hosts.push_str("\n# pods of this test cluster\n");
+        for pod in self.nodes.iter().flat_map(|n| n.pods.iter()) {
+            hosts.push_str(&format!(
+                "{} {}\n{} {}\n",
+                pod.ipv4, pod.name, pod.ipv6, pod.name
+            ));
+        }
+        let path = self.workdir.join(crate::pod::HOSTS_FILE);
+        fs::write(&path, hosts).with_context(|| format!("write {}", path.display()))
+    }
+
+    /// Where the agents read Istio security policies from (`policy.path` of the cluster file).
+    pub fn policy_dir(&self) -> PathBuf {
+        self.workdir.join(POLICY_DIR)
+    }
+
+    /// Writes `yaml` (Istio `security.istio.io/v1` documents) as `policies/<name>.yaml` and
+    /// waits until every running agent has loaded it.
+    pub fn apply_policy(&self, name: &str, yaml: &str) -> Result<()> {
+        self.change_policies(|dir| {
+            fs::write(dir.join(format!("{name}.yaml")), yaml).context("write policy")
+        })
+    }
+
+    /// Removes `policies/<name>.yaml` and waits until every running agent has reloaded.
+    pub fn delete_policy(&self, name: &str) -> Result<()> {
+        self.change_policies(|dir| {
+            fs::remove_file(dir.join(format!("{name}.yaml"))).context("remove policy")
+        })
+    }
+
+    fn change_policies(&self, change: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+        let running: Vec<String> = self.agents.lock().unwrap().keys().cloned().collect();
+        let loaded = |node: &str| -> Result<usize> {
+            Ok(self
+                .agent_logs(node)?
+                .iter()
+                .filter(|l| {
+                    l["message"] == "policy loaded"
+                        || l["message"] == "policy rejected; keeping the last good policy"
+                })
+                .count())
+        };
+        let before: Vec<usize> = running.iter().map(|n| loaded(n)).collect::<Result<_>>()?;
+        change(&self.policy_dir())?;
+        for (node, before) in running.iter().zip(before) {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while loaded(node)? <= before {
+                if Instant::now() > deadline {
+                    bail!(
+                        "agent of {node} did not reload the policies; {}",
+                        self.agent_log_tail(node)
+                    );
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+
     fn write_cluster_file(&self) -> Result<()> {
         self.create_ca()?;
+        sys::mkdir_all(&self.policy_dir())?;
+        self.write_hosts_file()?;
         let doc = FileDoc {
             trust_domain: self.trust_domain.clone(),
             identity: FileIdentity {
@@ -609,6 +679,9 @@ impl Cluster {
             },
             hbone: FileHbone {
                 idle_timeout: self.settings.hbone_idle_timeout.clone(),
+            },
+            policy: FilePolicy {
+                path: POLICY_DIR.into(),
             },
             nodes: self
                 .nodes
@@ -957,6 +1030,7 @@ struct FileDoc {
     trust_domain: String,
     identity: FileIdentity,
     hbone: FileHbone,
+    policy: FilePolicy,
     nodes: Vec<FileNode>,
 }
 
@@ -967,6 +1041,12 @@ struct FileIdentity {
     ca_key: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     certificate_lifetime: Option<String>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct FilePolicy {
+    path: String,
 }
 
 #[derive(Serialize)]

@@ -34,6 +34,7 @@
 
 mod cluster;
 mod pod;
+pub mod seed;
 mod sweep;
 pub mod sys;
 

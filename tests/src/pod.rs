@@ -14,6 +14,9 @@ use anyhow::{Context, Result, bail};
 
 use crate::sys;
 
+/// The pods' /etc/hosts, in the cluster's scratch directory: every pod by name.
+pub(crate) const HOSTS_FILE: &str = "hosts";
+
 /// One pod of the test cluster.
 #[derive(Debug, Clone)]
 pub struct Pod {
@@ -86,6 +89,7 @@ impl Pod {
         cmd.args(args).stdin(Stdio::null());
         sys::place(&mut cmd, &self.cgroup, &self.netns_path())
             .with_context(|| format!("prepare command for pod {}", self.name))?;
+        sys::with_hosts_file(&mut cmd, &self.workdir.join(HOSTS_FILE))?;
         Ok(cmd)
     }
 

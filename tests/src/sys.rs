@@ -136,6 +136,42 @@ pub fn place(cmd: &mut Command, cgroup: &Path, netns: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Gives the program its own mount namespace in which `hosts` is bind-mounted over /etc/hosts,
+/// as a pod has its own: names in it (the cluster's pods) resolve inside the pod only.
+pub fn with_hosts_file(cmd: &mut Command, hosts: &Path) -> Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt as _;
+    let source = CString::new(hosts.as_os_str().as_bytes())?;
+    let target = CString::new("/etc/hosts")?;
+    let root = CString::new("/")?;
+    // SAFETY: the closure only makes async-signal-safe system calls on strings made before fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let private = libc::MS_REC | libc::MS_PRIVATE;
+            let none = std::ptr::null();
+            if libc::mount(none, root.as_ptr(), none, private, std::ptr::null()) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let bind = libc::MS_BIND;
+            if libc::mount(
+                source.as_ptr(),
+                target.as_ptr(),
+                none,
+                bind,
+                std::ptr::null(),
+            ) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
 /// Mounts bpffs on /sys/fs/bpf unless something is mounted there already.
 pub fn ensure_bpffs() -> Result<()> {
     let mounted = Command::new("mountpoint")

@@ -59,9 +59,31 @@ fn unenrolled_pod_is_not_captured() -> Result<()> {
         lines_for(&cluster, "node-a", &addr(web.ipv6(), 8080))?.is_empty(),
         "outsider's IPv6 connection was captured: {conns:?}"
     );
-    let seen = server.client_addrs()?;
-    ensure!(seen[..2] == outsider.ips(), "server saw {seen:?}");
+    // Not captured means direct: node-b's agent (inbound capture) saw plaintext from the
+    // outsider's own addresses, not a tunnel from node-a's agent.
+    ensure!(
+        server.requests()?.len() == 3,
+        "server got {:?}",
+        server.requests()?
+    );
+    let direct = plaintext_sources(&cluster)?;
+    ensure!(
+        direct.len() == 2 && direct.iter().all(|ip| outsider.ips().contains(ip)),
+        "node-b saw plaintext from {direct:?}, want the outsider's {:?}",
+        outsider.ips()
+    );
     Ok(())
+}
+
+/// Source IPs of the plaintext (not mTLS) connections node-b's agent delivered.
+fn plaintext_sources(cluster: &Cluster) -> Result<Vec<std::net::IpAddr>> {
+    Ok(cluster
+        .agent_logs("node-b")?
+        .iter()
+        .filter(|l| l["message"] == "inbound connection closed" && l["security"] == "none")
+        .filter_map(|l| l["src_addr"].as_str()?.parse::<std::net::SocketAddr>().ok())
+        .map(|a| a.ip())
+        .collect())
 }
 
 #[test]
@@ -170,11 +192,17 @@ fn excluded_port_is_not_captured() -> Result<()> {
         !conns.iter().any(|c| c.dst.ends_with(":9090")),
         "connection to excluded port 9090 was captured: {conns:?}"
     );
-    // Not captured means direct: the server saw the pod itself.
+    // Not captured means direct: node-b's agent saw plaintext from the pod itself.
     ensure!(
-        excluded.client_addrs()? == client.ips(),
-        "server saw {:?}",
-        excluded.client_addrs()?
+        excluded.requests()?.len() == 2,
+        "server got {:?}",
+        excluded.requests()?
+    );
+    let direct = plaintext_sources(&cluster)?;
+    ensure!(
+        direct == client.ips(),
+        "node-b saw plaintext from {direct:?}, want the client's {:?}",
+        client.ips()
     );
     Ok(())
 }

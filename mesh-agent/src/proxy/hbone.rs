@@ -28,8 +28,9 @@ use crate::{
     netns::NetNs,
 };
 
-/// Port of the HBONE listener on every workload IP.
-pub const HBONE_PORT: u16 = 15008;
+/// Port of the HBONE listener on every workload IP (shared with the kernel side, which leaves it
+/// alone).
+pub use mesh_ebpf_common::HBONE_PORT;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct HboneClient {

@@ -1,6 +1,6 @@
 //! Outbound: connections captured from a workload, accepted on the agent's listener inside that
 //! workload's network namespace, and forwarded to their original destination: through an HBONE
-//! tunnel when the destination is a mesh workload on another node, as plain TCP otherwise.
+//! tunnel when the destination is a mesh workload, as plain TCP otherwise.
 //!
 //! Which workload made a call is a kernel fact: the listener that accepted it lives in that
 //! workload's namespace and nowhere else. The source IP is never consulted.
@@ -26,7 +26,7 @@ use crate::{
     ebpf::OrigDstTable,
     identity::{self, SpiffeId, SpiffeIdError},
     netns::{self, NetNs},
-    workload::{Cluster, Name, Workload},
+    workload::{Cluster, Workload},
 };
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -50,7 +50,6 @@ struct Source {
 /// What the outbound side needs to know of the mesh to choose a route.
 pub struct Mesh {
     pub cluster: Arc<Cluster>,
-    pub local_node: Name,
     pub hbone: Arc<HboneClient>,
 }
 
@@ -245,11 +244,11 @@ impl OutboundError {
 impl Mesh {
     fn route(&self, dst: SocketAddr) -> Result<Route, SpiffeIdError> {
         Ok(match self.cluster.workload_by_ip(dst.ip()) {
-            Some((node, workload)) if node.name != self.local_node => Route::Hbone {
+            Some((_, workload)) => Route::Hbone {
                 via: SocketAddr::new(dst.ip(), HBONE_PORT),
                 expected: workload.spiffe_id(&self.cluster.trust_domain)?,
             },
-            _ => Route::Direct,
+            None => Route::Direct,
         })
     }
 }

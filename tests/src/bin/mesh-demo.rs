@@ -1,18 +1,19 @@
-//! A guided tour of the mesh on a two-node cluster built on this machine.
+//! The seed story, "Mutual TLS Authentication", played on a two-node cluster built on this
+//! machine: Istio's tutorial application (customer, preference, recommendation v1 and v2) plus
+//! a curl pod outside the mesh, under PERMISSIVE, STRICT and an AuthorizationPolicy.
 //!
 //! `cargo run --release -p mesh-tests --bin mesh-demo` (as root, with
-//! `target/release/mesh-agent` built). Everything it creates is removed at the
-//! end, on error, and on Ctrl-C.
+//! `target/release/mesh-agent` built). Everything it creates is removed at the end, on error,
+//! and on Ctrl-C / SIGTERM. It exits non-zero if the story does not come out as told.
 
-use std::net::IpAddr;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::thread;
-use std::time::Duration;
 
 use anyhow::{Result, bail};
-use mesh_tests::{Cluster, ConnectionLog, NodeSpec, Pod, PodSpec, RunOutput, http_url};
+use mesh_tests::Cluster;
+use mesh_tests::seed::{self, Call, Edge, Event, Outcome, PolicyChange, Seed, Step, StepReport};
 use nix::sys::signal::{SigSet, Signal};
 
 /// The cluster, for the signal thread (weak: main owns it, and tears it down
@@ -23,8 +24,6 @@ static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 /// tears down (then it exits), main before it returns. So main cannot end the
 /// process in the middle of the signal thread's teardown.
 static EXIT: Mutex<()> = Mutex::new(());
-
-const PAGE: &str = "<h1>hello from web</h1>\n";
 
 fn main() -> ExitCode {
     // Ctrl-C / SIGTERM go to one thread that tears the cluster down, instead
@@ -70,109 +69,66 @@ fn check_interrupted() -> Result<()> {
 }
 
 fn run() -> Result<()> {
-    println!("== Building a two-node cluster from network namespaces, veths and cgroups");
-    let cluster = Arc::new(
-        Cluster::builder()
-            .node(
-                NodeSpec::new("node-a")
-                    .pod(
-                        PodSpec::new("client")
-                            .namespace("demo")
-                            .service_account("client"),
-                    )
-                    .pod(PodSpec::new("outsider").namespace("demo").enrolled(false)),
-            )
-            .node(
-                NodeSpec::new("node-b")
-                    .pod(PodSpec::new("web").namespace("demo").label("app", "web"))
-                    .pod(PodSpec::new("echo").namespace("demo").label("app", "echo")),
-            )
-            .build()?,
+    println!(
+        "== Mutual TLS with the mesh: Istio's tutorial application, and a curl pod outside the mesh"
     );
+    let cluster = Arc::new(seed::build_cluster()?);
     *CLUSTER.lock().unwrap() = Some(Arc::downgrade(&cluster));
     check_interrupted()?;
     describe(&cluster);
 
-    println!("\n== Starting one mesh-agent per node");
-    for node in cluster.nodes() {
-        cluster.start_agent(node.name())?;
-        println!("   {}: agent ready", node.name());
-        check_interrupted()?;
-    }
-
-    let client = cluster.pod("node-a", "client")?;
-    let outsider = cluster.pod("node-a", "outsider")?;
-    let web = cluster.pod("node-b", "web")?;
-    let echo = cluster.pod("node-b", "echo")?;
-    let _sleeper = client.spawn("sleep", ["infinity"])?;
-    let www = cluster.workdir().join("www");
-    std::fs::create_dir_all(&www)?;
-    std::fs::write(www.join("index.html"), PAGE)?;
-    let _web = web.http_server(8080, &www)?;
-    let _echo = echo.tcp_echo(7000)?;
-    println!(
-        "   web serves a {}-byte page on :8080; echo echoes on :7000",
-        PAGE.len()
-    );
-
-    println!("\n== What the pods see");
-    let mut step = 0;
-    for (from, ip) in [
-        (client, IpAddr::from(web.ipv4())),
-        (client, web.ipv6().into()),
-        (outsider, web.ipv4().into()),
-    ] {
-        check_interrupted()?;
-        step += 1;
-        let url = http_url(ip, 8080);
-        let out = from.curl(&url)?;
-        print_step(step, from, &format!("curl {url}"), &out);
-    }
+    println!("\n== Starting one mesh-agent per node, then recommendation v1 and v2 and preference");
+    let seed = Seed::start(cluster)?;
     check_interrupted()?;
-    step += 1;
-    let line = "hello mesh";
-    let script = format!("printf '{line}\\n' | socat -t 2 - TCP:{}:7000", echo.ipv4());
-    let out = client.run("sh", ["-c", &script], Duration::from_secs(10))?;
-    print_step(
-        step,
-        client,
-        &format!("send {line:?} to {}:7000 (echo)", echo.ipv4()),
-        &out,
-    );
-    println!("        echoed back: {:?}", out.stdout_str().trim_end());
-
-    // The agents log a line when a connection closes: wait for client's three.
-    let client_id = client.workload_id();
-    let logged = || {
-        let conns = cluster.connections("node-a").unwrap_or_default();
-        conns.iter().filter(|c| c.src_workload == client_id).count() >= 3
-    };
-    if !mesh_tests::sys::poll(Duration::from_secs(10), Duration::from_millis(50), logged) {
-        println!("   (node-a's agent logged fewer than 3 connections of {client_id} within 10 s)");
-    }
-    thread::sleep(Duration::from_millis(300));
-
-    println!("\n== What the agents logged (message \"connection closed\")");
-    let mut rows = Vec::new();
-    for node in cluster.nodes() {
-        for c in cluster.connections(node.name())? {
-            rows.push((node.name().to_owned(), c));
-        }
-    }
-    print_table(&rows);
-    let outsider_id = outsider.workload_id();
-    let seen = rows.iter().any(|(_, c)| c.src_workload == outsider_id);
     println!(
-        "\n   {outsider_id} is not enrolled: its call to web {}.",
-        if seen {
-            "WAS captured (unexpected!)"
-        } else {
-            "went straight to web, not through the mesh, so no agent logged it"
-        }
+        "   preference answers `preference => <recommendation's answer>`, calling v1 and v2 in turn"
     );
+    println!(
+        "   load: `curl -s {}` from the curl pod and the customer pod, in turn",
+        seed::PREFERENCE_URL
+    );
+
+    let mut failed = Vec::new();
+    for (n, step) in Step::ALL.into_iter().enumerate() {
+        check_interrupted()?;
+        if !play(&seed, n + 1, step)? {
+            failed.push(format!("step {}: {}", n + 1, step.title()));
+        }
+    }
 
     println!("\n== Tearing down (agents get SIGTERM; namespaces, cgroups, pins removed)");
+    if !failed.is_empty() {
+        bail!(
+            "the story did not come out as told in: {}",
+            failed.join("; ")
+        );
+    }
+    println!(
+        "   the story came out as told in all {} steps",
+        Step::ALL.len()
+    );
     Ok(())
+}
+
+/// Plays one step: applies its policies, runs the load, shows the agents' view, checks it.
+/// Returns whether it came out as the story says.
+fn play(seed: &Seed, n: usize, step: Step) -> Result<bool> {
+    let cluster = &seed.cluster;
+    println!("\n== Step {n}/{}: {}", Step::ALL.len(), step.title());
+    let changes = step.changes();
+    print_changes(&changes);
+    seed::apply(cluster, &changes)?;
+    println!("   expected: {}\n", step.expectation());
+
+    let report = seed::run_step(cluster, step, seed::ROUNDS, seed::PAUSE, |call| {
+        print_call(call);
+        check_interrupted()
+    })?;
+
+    println!("\n   What the agents saw (like Kiali's graph with the security badges):");
+    print_edges(&report.edges);
+    print_refusals(&report.events);
+    Ok(print_verdict(&report))
 }
 
 fn describe(cluster: &Cluster) {
@@ -184,102 +140,148 @@ fn describe(cluster: &Cluster) {
     for node in cluster.nodes() {
         println!("   {}  {} {}", node.name(), node.ipv4(), node.ipv6());
         for pod in node.pods() {
+            let labels: Vec<String> = pod
+                .labels()
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
             println!(
-                "     pod {:<9} {:<14} {:<9} {:<10} {}",
-                pod.name(),
+                "     {:<26} {:<9} sa {:<15} {:<30} {}",
                 pod.workload_id(),
                 pod.ipv4().to_string(),
-                pod.ipv6().to_string(),
+                pod.service_account(),
+                labels.join(","),
                 if pod.enrolled() {
-                    "enrolled"
+                    "in the mesh"
                 } else {
-                    "NOT enrolled"
+                    "NOT in the mesh"
                 }
             );
         }
     }
 }
 
-fn print_step(n: u32, from: &Pod, what: &str, out: &RunOutput) {
-    let result = match out.code() {
-        Some(0) => format!("exit 0, {} bytes received", out.stdout.len()),
-        Some(code) => format!("FAILED: exit {code}: {}", out.stderr_str().trim()),
-        None => format!("FAILED: {}", out.status),
-    };
-    println!("   {n}. {:<9} {what}\n        -> {result}", from.name());
-}
-
-/// Kiali draws a lock for mutual TLS; so does the demo.
-fn security_of(c: &ConnectionLog) -> String {
-    match c.other.get("security").and_then(|v| v.as_str()) {
-        Some("mutual_tls") => "mTLS (locked)".to_owned(),
-        Some("none") => "plaintext".to_owned(),
-        _ => "unknown".to_owned(),
+fn print_changes(changes: &[PolicyChange]) {
+    if changes.is_empty() {
+        println!("   no policy: without a PeerAuthentication, Istio's default mode is PERMISSIVE");
+    }
+    for change in changes {
+        match change {
+            PolicyChange::Apply { name, yaml } => {
+                println!("   applying {name}.yaml:");
+                for line in yaml.lines() {
+                    println!("      {line}");
+                }
+            }
+            PolicyChange::Delete { name } => println!("   deleting {name}.yaml"),
+        }
     }
 }
 
-fn text_field(c: &ConnectionLog, name: &str) -> String {
-    c.other
-        .get(name)
-        .and_then(|v| v.as_str())
-        .unwrap_or("unknown")
-        .to_owned()
+/// As the story's loop prints it, with what curl gave.
+fn print_call(call: &Call) {
+    let what = match call.exit_code {
+        Some(0) => format!("exit 0: {}", call.body),
+        Some(code) => format!(
+            "command terminated with exit code {code}   ({})",
+            call.error
+        ),
+        None => format!("curl was killed   ({})", call.error),
+    };
+    println!(
+        "   Executing curl in {:<13} {what}",
+        call.client.to_string()
+    );
 }
 
-fn print_table(rows: &[(String, ConnectionLog)]) {
+fn print_edges(edges: &[Edge]) {
     let header = [
-        "NODE",
         "SOURCE",
         "DESTINATION",
         "SECURITY",
-        "PEER IDENTITY",
-        "SENT",
-        "RECEIVED",
-        "DURATION",
-        "ERROR",
+        "CONNECTIONS",
+        "REFUSED",
+        "WHY",
     ];
-    let cells: Vec<[String; 9]> = rows
+    let rows: Vec<[String; 6]> = edges
         .iter()
-        .map(|(node, c)| {
+        .map(|e| {
             [
-                node.clone(),
-                c.src_workload.clone(),
-                c.dst.clone(),
-                security_of(c),
-                text_field(c, "peer_identity"),
-                c.bytes_sent.to_string(),
-                c.bytes_received.to_string(),
-                format!("{} ms", c.duration_ms),
-                c.error.clone().unwrap_or_default(),
+                e.source.clone(),
+                e.destination.clone(),
+                e.security.to_string(),
+                e.connections.to_string(),
+                e.refused.to_string(),
+                e.reasons.iter().cloned().collect::<Vec<_>>().join(", "),
             ]
         })
         .collect();
-    let mut width = header.map(str::len);
-    for row in &cells {
-        for (w, cell) in width.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
+    let mut widths = header.map(display_width);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(display_width(cell));
         }
     }
-    let line = |row: [&str; 9]| {
-        let cols: Vec<String> = row
-            .iter()
-            .zip(width)
-            .enumerate()
-            .map(|(i, (s, w))| {
-                if (5..8).contains(&i) {
-                    format!("{s:>w$}")
-                } else {
-                    format!("{s:<w$}")
-                }
-            })
-            .collect();
-        println!("   {}", cols.join("  ").trim_end());
-    };
-    line(header);
-    for row in &cells {
-        line(row.each_ref().map(String::as_str));
+    print_row(&header.map(str::to_owned), &widths);
+    for row in &rows {
+        print_row(row, &widths);
     }
-    if cells.is_empty() {
-        println!("   (none)");
+    if rows.is_empty() {
+        println!("   (no inbound connection logged)");
+    }
+}
+
+fn print_row(row: &[String; 6], widths: &[usize; 6]) {
+    let cells: Vec<String> = row
+        .iter()
+        .zip(widths)
+        .map(|(cell, &w)| format!("{cell}{}", " ".repeat(w - display_width(cell))))
+        .collect();
+    println!("   {}", cells.join("  ").trim_end());
+}
+
+/// Columns a terminal gives the text: the lock is a wide character.
+fn display_width(s: &str) -> usize {
+    s.chars()
+        .map(|c| if c >= '\u{1F300}' { 2 } else { 1 })
+        .sum()
+}
+
+/// One log line per kind of refusal: what the far agent said and why.
+fn print_refusals(events: &[Event]) {
+    let mut shown = std::collections::BTreeSet::new();
+    for e in events.iter().filter(|e| e.outcome != Outcome::Delivered) {
+        if !shown.insert((e.outcome, e.reason.clone())) {
+            continue;
+        }
+        let why = match e.outcome {
+            Outcome::Denied => format!("policy={}", e.reason.as_deref().unwrap_or("?")),
+            Outcome::Rejected => format!("rejection={}", e.reason.as_deref().unwrap_or("?")),
+            _ => format!("error={}", e.reason.as_deref().unwrap_or("?")),
+        };
+        println!(
+            "   {}'s agent: \"{}\" workload={} peer_identity={} src_addr={} {why}",
+            e.node,
+            e.line["message"].as_str().unwrap_or("?"),
+            e.workload,
+            e.peer_identity,
+            e.src_addr,
+        );
+    }
+}
+
+fn print_verdict(report: &StepReport) -> bool {
+    match seed::check(report) {
+        Ok(()) => {
+            println!("   ✔ as the story says: {}", report.step.expectation());
+            true
+        }
+        Err(e) => {
+            println!("   ✘ NOT as the story says:");
+            for line in format!("{e:#}").lines() {
+                println!("     {line}");
+            }
+            false
+        }
     }
 }

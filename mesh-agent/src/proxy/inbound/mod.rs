@@ -1,0 +1,381 @@
+//! Inbound: every connection to a local workload reaches the agent first, is checked against the
+//! workload's mTLS mode and authorization policy, and is then delivered to the workload as plain
+//! TCP from inside its namespace.
+//!
+//! - [`hbone`]: mutual TLS on the workload's IPs, port 15008 (the caller's identity comes from its
+//!   certificate);
+//! - [`plaintext`]: everything else, steered by `sk_lookup` to port 15006 (no identity; refused
+//!   under STRICT).
+//!
+//! Connections stay registered while they last: when the policy changes, those it no longer
+//! allows are reset, the others continue.
+
+mod hbone;
+mod plaintext;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use mesh_ebpf_common::INBOUND_PLAINTEXT_PORT;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{info, warn};
+
+use super::{hbone::HBONE_PORT, relay::relay};
+use crate::{
+    identity::SpiffeId,
+    netns::NetNs,
+    policy::{ConnectionAttrs, Decision, MtlsMode, PolicySet, WorkloadRef},
+    workload::Workload,
+};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One local workload, as its inbound listeners serve it.
+pub struct Inbound {
+    hbone_listeners: Vec<TcpListener>,
+    /// Dual-stack: `sk_lookup` may hand it IPv4 connections too.
+    plaintext_listener: TcpListener,
+    target: Arc<Target>,
+}
+
+/// What every inbound connection to the workload needs.
+struct Target {
+    name: String,
+    namespace: String,
+    labels: BTreeMap<String, String>,
+    ips: Vec<IpAddr>,
+    netns: NetNs,
+    tls: TlsAcceptor,
+    policy: watch::Receiver<Arc<PolicySet>>,
+    active: ActiveConnections,
+    /// Cancelled when the agent stops: HBONE connections then say GOAWAY and drain.
+    shutdown: CancellationToken,
+}
+
+/// How a connection reached the agent, and so what policy may know of its source.
+#[derive(Clone, Debug)]
+struct Caller {
+    identity: Option<SpiffeId>,
+    addr: SocketAddr,
+}
+
+#[derive(Default)]
+struct ActiveConnections {
+    next_id: AtomicU64,
+    by_id: Mutex<HashMap<u64, ActiveConnection>>,
+}
+
+struct ActiveConnection {
+    caller: Caller,
+    dst: SocketAddr,
+    revoked: CancellationToken,
+}
+
+impl Inbound {
+    /// Binds port 15008 on every IP of the workload and the plaintext capture port on the
+    /// dual-stack wildcard address, inside its namespace.
+    pub fn listen(
+        workload: &Workload,
+        tls: Arc<rustls::ServerConfig>,
+        policy: watch::Receiver<Arc<PolicySet>>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Self> {
+        let netns = NetNs::open(&workload.netns)?;
+        let bind = |addr: SocketAddr| -> anyhow::Result<TcpListener> {
+            let listener = netns
+                .bind(addr)
+                .with_context(|| format!("binding {addr} in {}", netns.path().display()))?;
+            Ok(TcpListener::from_std(listener)?)
+        };
+        let hbone_listeners = workload
+            .ips
+            .iter()
+            .map(|ip| bind(SocketAddr::new(*ip, HBONE_PORT)))
+            .collect::<anyhow::Result<_>>()?;
+        let plaintext_listener = bind(SocketAddr::from((
+            Ipv6Addr::UNSPECIFIED,
+            INBOUND_PLAINTEXT_PORT,
+        )))?;
+        Ok(Self {
+            hbone_listeners,
+            plaintext_listener,
+            target: Arc::new(Target {
+                name: workload.qualified_name(),
+                namespace: workload.namespace.to_string(),
+                labels: workload.labels.clone(),
+                ips: workload.ips.clone(),
+                netns,
+                tls: TlsAcceptor::from(tls),
+                policy,
+                active: ActiveConnections::default(),
+                shutdown,
+            }),
+        })
+    }
+
+    /// The listener `sk_lookup` must hand captured plaintext connections to.
+    pub fn plaintext_listener(&self) -> &TcpListener {
+        &self.plaintext_listener
+    }
+
+    pub fn netns(&self) -> &NetNs {
+        &self.target.netns
+    }
+
+    pub fn serve(self, tracker: &TaskTracker) {
+        let shutdown = &self.target.shutdown.clone();
+        for listener in self.hbone_listeners {
+            accept_loop(
+                listener,
+                self.target.clone(),
+                shutdown,
+                tracker,
+                hbone::serve_connection,
+            );
+        }
+        accept_loop(
+            self.plaintext_listener,
+            self.target.clone(),
+            shutdown,
+            tracker,
+            plaintext::serve_connection,
+        );
+        tracker.spawn(revoke_on_policy_change(self.target, shutdown.clone()));
+    }
+}
+
+fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    target: Arc<Target>,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+    serve_connection: F,
+) where
+    F: Fn(TcpStream, SocketAddr, Arc<Target>) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let (shutdown, connections) = (shutdown.clone(), tracker.clone());
+    tracker.spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                accepted = listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((tcp, peer)) => {
+                    connections.spawn(serve_connection(tcp, peer, target.clone()));
+                }
+                Err(err) => {
+                    warn!(workload = %target.name, error = %err, "inbound accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    });
+}
+
+impl Target {
+    fn workload_ref(&self) -> WorkloadRef<'_> {
+        WorkloadRef {
+            namespace: &self.namespace,
+            labels: &self.labels,
+        }
+    }
+
+    fn mtls_mode(&self, port: u16) -> MtlsMode {
+        self.policy.borrow().mtls_mode(&self.workload_ref(), port)
+    }
+
+    fn authorize(&self, caller: &Caller, dst: SocketAddr) -> Decision {
+        let policy = self.policy.borrow().clone();
+        policy.authorize(&self.workload_ref(), &caller.attrs(dst))
+    }
+
+    /// Whether the current policy still admits a connection: its mode (plaintext under STRICT
+    /// is not) and its authorization.
+    fn still_admits(&self, caller: &Caller, dst: SocketAddr) -> Result<(), String> {
+        if caller.identity.is_none() && self.mtls_mode(dst.port()) == MtlsMode::Strict {
+            return Err("plaintext is no longer allowed (STRICT)".to_owned());
+        }
+        match self.authorize(caller, dst) {
+            Decision::Allow { .. } => Ok(()),
+            Decision::Deny { by } => Err(by.to_string()),
+        }
+    }
+
+    fn owns(&self, ip: IpAddr) -> bool {
+        self.ips
+            .iter()
+            .any(|own| own.to_canonical() == ip.to_canonical())
+    }
+}
+
+impl Caller {
+    fn attrs(&self, dst: SocketAddr) -> ConnectionAttrs<'_> {
+        ConnectionAttrs {
+            source: self.identity.as_ref(),
+            source_ip: self.addr.ip().to_canonical(),
+            destination_port: dst.port(),
+        }
+    }
+
+    fn security(&self) -> &'static str {
+        if self.identity.is_some() {
+            "mutual_tls"
+        } else {
+            "none"
+        }
+    }
+
+    fn identity_text(&self) -> String {
+        self.identity
+            .as_ref()
+            .map_or_else(|| "unknown".to_owned(), ToString::to_string)
+    }
+}
+
+/// Re-checks the workload's open connections whenever the policy changes; resets those it no
+/// longer admits.
+async fn revoke_on_policy_change(target: Arc<Target>, shutdown: CancellationToken) {
+    let mut policy = target.policy.clone();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = policy.changed() => if changed.is_err() { return },
+        }
+        let active = target
+            .active
+            .by_id
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for connection in active.values() {
+            if let Err(reason) = target.still_admits(&connection.caller, connection.dst) {
+                warn!(
+                    workload = %target.name,
+                    peer_identity = %connection.caller.identity_text(),
+                    src_addr = %connection.caller.addr,
+                    dst = %connection.dst,
+                    reason = %reason,
+                    "policy changed: closing a connection it no longer allows"
+                );
+                connection.revoked.cancel();
+            }
+        }
+    }
+}
+
+/// Connects to the workload from inside its namespace. The workload's own IP is local there, so
+/// the connection arrives on loopback, which the inbound capture leaves alone.
+async fn connect_to_workload(netns: &NetNs, dst: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = netns.tcp_socket_for(&dst)?;
+    let upstream = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    let _ = upstream.set_nodelay(true);
+    Ok(upstream)
+}
+
+/// Relays an admitted connection to the workload until either side is done or the policy
+/// revokes it, then logs it. Returns whether it ended in failure, so that the caller resets its
+/// side.
+async fn deliver<S>(
+    caller_stream: &mut S,
+    mut upstream: TcpStream,
+    caller: Caller,
+    dst: SocketAddr,
+    target: &Target,
+) -> bool
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let started = Instant::now();
+    let id = target.active.next_id.fetch_add(1, Ordering::Relaxed);
+    let revoked = CancellationToken::new();
+    target
+        .active
+        .by_id
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(
+            id,
+            ActiveConnection {
+                caller: caller.clone(),
+                dst,
+                revoked: revoked.clone(),
+            },
+        );
+    let outcome = tokio::select! {
+        (transferred, result) = relay(caller_stream, &mut upstream) => (transferred, result.err().map(|e| e.to_string())),
+        _ = revoked.cancelled() => (Default::default(), Some("revoked by a policy change".to_owned())),
+    };
+    target
+        .active
+        .by_id
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&id);
+    let (transferred, error): (super::Transferred, Option<String>) = outcome;
+    let duration_ms = started.elapsed().as_millis() as u64;
+    let fields = (
+        caller.identity_text(),
+        caller.addr.to_string(),
+        caller.security(),
+    );
+    let failed = error.is_some();
+    match error {
+        None => info!(
+            workload = %target.name,
+            peer_identity = %fields.0,
+            src_addr = %fields.1,
+            security = fields.2,
+            dst = %dst,
+            bytes_sent = transferred.sent,
+            bytes_received = transferred.received,
+            duration_ms,
+            "inbound connection closed"
+        ),
+        Some(error) => {
+            warn!(
+                workload = %target.name,
+                peer_identity = %fields.0,
+                src_addr = %fields.1,
+                security = fields.2,
+                dst = %dst,
+                bytes_sent = transferred.sent,
+                bytes_received = transferred.received,
+                duration_ms,
+                error = %error,
+                "inbound connection closed"
+            );
+            let _ = upstream.set_zero_linger();
+        }
+    }
+    failed
+}
+
+/// Logs a refused connection with the policy that refused it.
+fn log_denied(target: &Target, caller: &Caller, dst: SocketAddr, reason: &str) {
+    warn!(
+        workload = %target.name,
+        peer_identity = %caller.identity_text(),
+        src_addr = %caller.addr,
+        security = caller.security(),
+        dst = %dst,
+        policy = %reason,
+        "inbound connection denied"
+    );
+}

@@ -1,0 +1,80 @@
+//! Inbound plaintext: connections `sk_lookup` steered to port 15006. The socket keeps the
+//! original destination as its local address and the caller's address as its peer: there is no
+//! identity, so STRICT refuses them with a reset, as Istio does.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use mesh_ebpf_common::INBOUND_PLAINTEXT_PORT;
+use tokio::net::TcpStream;
+use tracing::warn;
+
+use super::{Caller, Target, connect_to_workload, deliver, log_denied};
+use crate::policy::{Decision, MtlsMode};
+
+const CLIENT_FIRST_BYTES_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
+pub(super) async fn serve_connection(
+    mut tcp: TcpStream,
+    peer_addr: SocketAddr,
+    target: Arc<Target>,
+) {
+    let _ = tcp.set_nodelay(true);
+    let caller = Caller {
+        identity: None,
+        addr: SocketAddr::new(peer_addr.ip().to_canonical(), peer_addr.port()),
+    };
+    let dst = match tcp.local_addr() {
+        Ok(dst) if dst.port() != INBOUND_PLAINTEXT_PORT => {
+            SocketAddr::new(dst.ip().to_canonical(), dst.port())
+        }
+        _ => {
+            warn!(workload = %target.name, src_addr = %peer_addr, rejection = "direct_to_capture_port", "inbound connection rejected");
+            reset(tcp);
+            return;
+        }
+    };
+    if target.mtls_mode(dst.port()) == MtlsMode::Strict {
+        warn!(
+            workload = %target.name,
+            src_addr = %peer_addr,
+            dst = %dst,
+            security = "none",
+            rejection = "plaintext_strict",
+            reason = "STRICT mTLS: plaintext is not accepted",
+            "inbound connection rejected"
+        );
+        refuse(tcp).await;
+        return;
+    }
+    if let Decision::Deny { by } = target.authorize(&caller, dst) {
+        log_denied(&target, &caller, dst, &by.to_string());
+        refuse(tcp).await;
+        return;
+    }
+    let upstream = match connect_to_workload(&target.netns, dst).await {
+        Ok(upstream) => upstream,
+        Err(err) => {
+            warn!(workload = %target.name, src_addr = %peer_addr, dst = %dst, error = %err, "inbound delivery failed");
+            reset(tcp);
+            return;
+        }
+    };
+    if deliver(&mut tcp, upstream, caller, dst, &target).await {
+        reset(tcp);
+    }
+}
+
+/// What a refused plaintext client sees, as in Istio: a reset
+/// (`curl: (56) Recv failure: Connection reset by peer`). The reset waits, briefly, for the
+/// client's first bytes, so that it meets a client waiting for its answer.
+async fn refuse(tcp: TcpStream) {
+    // `readable()` may wake before data is there; `peek` waits for a byte.
+    let mut first = [0u8; 1];
+    let _ = tokio::time::timeout(CLIENT_FIRST_BYTES_WAIT, tcp.peek(&mut first)).await;
+    reset(tcp);
+}
+
+fn reset(tcp: TcpStream) {
+    let _ = tcp.set_zero_linger();
+    drop(tcp);
+}
