@@ -16,13 +16,14 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use crate::{
+    admin::{AdminConfig, AdminServer, AdminState, Metrics},
     ebpf::{self, Capture},
     identity::{CertificateAuthority, IdentityStore, SpiffeId, TrustBundle, server_config},
     netns,
     policy::{PolicySet, PolicyWatcher},
     proxy::{
         hbone::HboneClient,
-        inbound::Inbound,
+        inbound::{Inbound, InboundContext},
         outbound::{Mesh, Outbound},
     },
     workload::{Cluster, IdentityConfig, Node, Workload},
@@ -32,6 +33,7 @@ const POLICY_POLL_INTERVAL: Duration = Duration::from_millis(500);
 
 pub struct Config {
     pub cluster_file: PathBuf,
+    pub admin: AdminConfig,
     pub node: String,
     pub bpf_pin_dir: Option<PathBuf>,
     /// How long in-flight connections may take to finish after SIGTERM.
@@ -60,6 +62,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .context("installing the capture programs")?;
     capture.set_excluded_ports(&node.excluded_ports)?;
 
+    let metrics = Metrics::new();
+    let policy = start_policy(&cluster, &shutdown).await?;
+    let admin = start_admin(
+        &config,
+        &metrics,
+        &cluster,
+        node,
+        &identities,
+        &policy,
+        &shutdown,
+    )
+    .await?;
     let node_context = NodeContext {
         mesh: Arc::new(Mesh {
             cluster: cluster.clone(),
@@ -68,14 +82,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 bundle.clone(),
                 cluster.hbone.idle_timeout,
             ),
+            metrics: metrics.clone(),
         }),
         identities,
         bundle,
-        policy: start_policy(&cluster, &shutdown).await?,
+        inbound: InboundContext {
+            cluster: cluster.clone(),
+            policy,
+            metrics: metrics.clone(),
+            shutdown: shutdown.clone(),
+        },
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),
     };
     let enrolled = enrol_workloads(node, &mut capture, &node_context);
+    metrics.set_workloads(enrolled.len());
+    admin.set_ready(true);
     capture.retain_enrolled(&enrolled)?;
     let local_ips: Vec<_> = node.workloads.iter().flat_map(|w| w.ips.clone()).collect();
     capture.retain_inbound(&local_ips)?;
@@ -87,6 +109,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
 
     wait_for_stop_signal().await?;
+    admin.set_ready(false);
     info!("stopping: closing listeners and draining connections");
     shutdown.cancel();
     tracker.close();
@@ -111,9 +134,83 @@ struct NodeContext {
     mesh: Arc<Mesh>,
     identities: IdentityStore,
     bundle: TrustBundle,
-    policy: watch::Receiver<Arc<PolicySet>>,
+    inbound: InboundContext,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+}
+
+/// Serves metrics (15020), readiness (15021) and the config dump (127.0.0.1:15000) in the node's
+/// namespace; readiness turns on once every workload is served.
+async fn start_admin(
+    config: &Config,
+    metrics: &Metrics,
+    cluster: &Arc<Cluster>,
+    node: &Node,
+    identities: &IdentityStore,
+    policy: &watch::Receiver<Arc<PolicySet>>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<AdminState> {
+    let dump = {
+        let (cluster, node_name) = (cluster.clone(), node.name.clone());
+        let (identities, policy) = (identities.clone(), policy.clone());
+        move || config_dump(&cluster, &node_name, &identities, &policy.borrow())
+    };
+    let state = AdminState::new(metrics.clone(), dump);
+    let server = AdminServer::bind(&config.admin).await?;
+    let (state_for_server, shutdown) = (state.clone(), shutdown.clone());
+    tokio::spawn(async move {
+        if let Err(err) = server.run(state_for_server, shutdown).await {
+            error!(error = format!("{err:#}"), "admin server failed");
+        }
+    });
+    Ok(state)
+}
+
+/// What the agent serves, for `GET /config_dump`: workloads, certificates, policies.
+fn config_dump(
+    cluster: &Cluster,
+    node: &crate::workload::Name,
+    identities: &IdentityStore,
+    policy: &PolicySet,
+) -> serde_json::Value {
+    let workloads: Vec<_> = cluster
+        .nodes
+        .iter()
+        .filter(|n| &n.name == node)
+        .flat_map(|n| &n.workloads)
+        .map(|w| {
+            serde_json::json!({
+                "name": w.qualified_name(),
+                "serviceAccount": w.service_account.as_str(),
+                "ips": w.ips,
+                "netns": w.netns,
+                "cgroup": w.cgroup,
+            })
+        })
+        .collect();
+    let certificates: Vec<_> = identities
+        .identities()
+        .into_iter()
+        .filter_map(|id| {
+            let cert = identities.current(&id)?;
+            Some(serde_json::json!({
+                "identity": id.to_string(),
+                "serial": cert.serial(),
+                "notAfter": humantime::format_rfc3339_seconds(cert.not_after()).to_string(),
+            }))
+        })
+        .collect();
+    serde_json::json!({
+        "node": node.as_str(),
+        "trustDomain": cluster.trust_domain.as_str(),
+        "workloads": workloads,
+        "certificates": certificates,
+        "policy": {
+            "files": policy.files(),
+            "peerAuthentications": policy.peer_authentication_count(),
+            "authorizationPolicies": policy.authorization_policy_count(),
+        },
+    })
 }
 
 /// Loads the policies the cluster file names and keeps them current; without a path, the mesh
@@ -209,18 +306,14 @@ fn serve_workload(
         capture.orig_dst_table(),
         context.mesh.clone(),
     )?;
+    let identity_for_inbound = identity.clone();
     let tls = server_config(
         context.identities.clone(),
         identity,
         context.bundle.clone(),
         trust_domain.as_str(),
     )?;
-    let inbound = Inbound::listen(
-        workload,
-        tls,
-        context.policy.clone(),
-        context.shutdown.clone(),
-    )?;
+    let inbound = Inbound::listen(workload, identity_for_inbound, tls, context.inbound.clone())?;
     capture
         .capture_inbound(inbound.netns(), &workload.ips, inbound.plaintext_listener())
         .context("capturing inbound connections")?;

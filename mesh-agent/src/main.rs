@@ -2,6 +2,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use mesh_agent::{
+    admin::AdminConfig,
     agent, ebpf,
     identity::{self, CertificateAuthority},
 };
@@ -34,6 +35,15 @@ enum Command {
         /// Seconds that in-flight connections may take to finish after SIGTERM.
         #[arg(long, default_value_t = 5)]
         drain_timeout_secs: u64,
+        /// Admin endpoint (config dump).
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin_addr: std::net::SocketAddr,
+        /// Prometheus metrics endpoint.
+        #[arg(long, default_value = "0.0.0.0:15020")]
+        metrics_addr: std::net::SocketAddr,
+        /// Readiness endpoint (GET /healthz/ready).
+        #[arg(long, default_value = "0.0.0.0:15021")]
+        readiness_addr: std::net::SocketAddr,
     },
     /// Manage the mesh's certificate authority.
     #[command(subcommand)]
@@ -84,7 +94,15 @@ fn execute(command: Command) -> anyhow::Result<()> {
             node,
             bpf_pin_dir,
             drain_timeout_secs,
+            admin_addr,
+            metrics_addr,
+            readiness_addr,
         } => tokio::runtime::Runtime::new()?.block_on(agent::run(agent::Config {
+            admin: AdminConfig {
+                admin: admin_addr,
+                metrics: metrics_addr,
+                readiness: readiness_addr,
+            },
             cluster_file: cluster,
             node,
             bpf_pin_dir,

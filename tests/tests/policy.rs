@@ -490,3 +490,85 @@ fn wait_exit(child: &mut std::process::Child) -> Result<std::process::ExitStatus
         thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn metrics_say_which_connections_were_mutual_tls_and_pass_promtool() -> Result<()> {
+    let s = setup()?;
+    s.expect_ok("outsider", HTTP_PORT)?;
+    s.expect_ok("client", HTTP_PORT)?;
+    s.wait_node_b("both connections", |_| {
+        s.node_b_lines("inbound connection closed")
+            .is_ok_and(|lines| lines.len() >= 2)
+    })?;
+    let node_b = s.cluster.node("node-b")?.netns_name().to_owned();
+    let get = |url: &str| -> Result<String> {
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &node_b,
+                "curl",
+                "-sS",
+                "--max-time",
+                "5",
+                url,
+            ])
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "GET {url}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?)
+    };
+    ensure!(
+        get("http://127.0.0.1:15021/healthz/ready")?.trim() == "ready",
+        "not ready"
+    );
+    let metrics = get("http://127.0.0.1:15020/metrics")?;
+    let series = |security: &str, source: &str| {
+        metrics.lines().any(|l| {
+            l.starts_with("istio_tcp_connections_opened_total{")
+                && l.contains("reporter=\"destination\"")
+                && l.contains(&format!("connection_security_policy=\"{security}\""))
+                && l.contains(&format!("source_workload=\"{source}\""))
+                && l.contains("destination_workload=\"web\"")
+        })
+    };
+    ensure!(
+        series("mutual_tls", "client"),
+        "no mTLS series for client:\n{metrics}"
+    );
+    ensure!(
+        series("unknown", "unknown"),
+        "no plaintext series for the outsider:\n{metrics}"
+    );
+    ensure!(
+        metrics.contains("destination_principal=\"spiffe://cluster.local/ns/default/sa/default\""),
+        "no destination principal:\n{metrics}"
+    );
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("promtool (Debian package prometheus)")?;
+    std::io::Write::write_all(
+        promtool.stdin.as_mut().context("stdin")?,
+        metrics.as_bytes(),
+    )?;
+    let checked = promtool.wait_with_output()?;
+    ensure!(
+        checked.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    let dump: Value = serde_json::from_str(&get("http://127.0.0.1:15000/config_dump")?)?;
+    ensure!(
+        dump["workloads"][0]["name"] == "default/web",
+        "config dump: {dump}"
+    );
+    Ok(())
+}

@@ -11,10 +11,20 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
-/// Debian packages used by the tests, the demo and the benchmarks.
+/// Debian packages used by the tests, the demo and the benchmarks (prometheus: promtool).
 const DEB_PACKAGES: &[&str] = &[
-    "iproute2", "curl", "socat", "python3", "iperf3", "tcpdump", "tshark", "stunnel4", "openssl",
-    "bpftool", "procps",
+    "iproute2",
+    "curl",
+    "socat",
+    "python3",
+    "iperf3",
+    "tcpdump",
+    "tshark",
+    "stunnel4",
+    "openssl",
+    "bpftool",
+    "procps",
+    "prometheus",
 ];
 /// Later versions need a system LLVM that Debian 12 lacks (see shared/ebpf-notes.md).
 const BPF_LINKER_VERSION: &str = "0.10.4";

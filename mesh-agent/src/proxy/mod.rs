@@ -8,5 +8,6 @@ pub mod hbone;
 pub mod inbound;
 pub mod outbound;
 mod relay;
+pub mod telemetry;
 
 pub use relay::Transferred;

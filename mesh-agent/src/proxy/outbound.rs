@@ -21,8 +21,10 @@ use tracing::{info, warn};
 use super::{
     hbone::{HBONE_PORT, HboneClient, HboneError},
     relay::{Transferred, relay},
+    telemetry::{self, Party},
 };
 use crate::{
+    admin::{Metrics, Reporter, ResponseFlags},
     ebpf::OrigDstTable,
     identity::{self, SpiffeId, SpiffeIdError},
     netns::{self, NetNs},
@@ -39,6 +41,7 @@ pub struct Outbound {
 
 /// The captured workload, as every connection from it needs to know it.
 struct Source {
+    workload: Workload,
     name: String,
     identity: SpiffeId,
     netns: NetNs,
@@ -51,6 +54,7 @@ struct Source {
 pub struct Mesh {
     pub cluster: Arc<Cluster>,
     pub hbone: Arc<HboneClient>,
+    pub metrics: Metrics,
 }
 
 /// How a captured connection reaches its destination.
@@ -121,6 +125,7 @@ impl Outbound {
         Ok(Self {
             listeners,
             source: Arc::new(Source {
+                workload: workload.clone(),
                 name: workload.qualified_name(),
                 identity,
                 netns,
@@ -176,6 +181,7 @@ async fn handle(mut conn: TcpStream, peer: SocketAddr, source: Arc<Source>) {
         Err(err) => Err(err.into()),
     };
     log.closed(result.as_ref().map(|_| ()));
+    record_metrics(&source, dst, &log, &result);
     if result.is_err() {
         reset(conn);
     }
@@ -227,6 +233,35 @@ async fn forward_hbone(
     let (transferred, result) = relay(conn, stream.io).await;
     log.transferred = transferred;
     result.map_err(OutboundError::Relay)
+}
+
+/// Istio's TCP metrics for the connection, reported by the source side.
+fn record_metrics(
+    source: &Source,
+    dst: SocketAddr,
+    log: &ConnectionLog<'_>,
+    result: &Result<(), OutboundError>,
+) {
+    let destination = source.mesh.cluster.workload_by_ip(dst.ip());
+    let mut labels = telemetry::connection_labels(
+        Reporter::Source,
+        Party {
+            workload: Some(&source.workload),
+            principal: Some(&source.identity),
+        },
+        Party {
+            workload: destination.map(|(_, workload)| workload),
+            principal: log.peer_identity.as_ref(),
+        },
+        matches!(log.security, Security::MutualTls),
+    );
+    let flags = match result {
+        Ok(()) => ResponseFlags::None,
+        Err(OutboundError::Relay(_)) => ResponseFlags::UpstreamTermination,
+        Err(_) => ResponseFlags::UpstreamConnectFailure,
+    };
+    source.mesh.metrics.connection_opened(&labels);
+    telemetry::record_closed(&source.mesh.metrics, &mut labels, log.transferred, flags);
 }
 
 impl OutboundError {

@@ -68,6 +68,7 @@ pub(super) async fn serve_connection(tcp: TcpStream, peer_addr: SocketAddr, targ
     let (tls, identity) = match accept_mtls(tcp, &target).await {
         Ok(accepted) => accepted,
         Err(rejection) => {
+            target.context.metrics.inbound_rejected(rejection.kind());
             warn!(
                 workload = %target.name,
                 peer_addr = %peer_addr,
@@ -92,7 +93,7 @@ pub(super) async fn serve_connection(tcp: TcpStream, peer_addr: SocketAddr, targ
     tokio::pin!(connection);
     let served = tokio::select! {
         served = connection.as_mut() => served,
-        _ = target.shutdown.cancelled() => {
+        _ = target.context.shutdown.cancelled() => {
             connection.as_mut().graceful_shutdown();
             connection.await
         }
@@ -141,6 +142,7 @@ async fn handle_request(
     let dst = match requested_destination(&request, &target) {
         Ok(dst) => dst,
         Err(rejection) => {
+            target.record_refused(&caller, rejection.kind());
             warn!(
                 workload = %target.name,
                 peer_identity = %caller.identity_text(),

@@ -14,7 +14,7 @@ mod hbone;
 mod plaintext;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     net::{IpAddr, Ipv6Addr, SocketAddr},
     sync::{
         Arc, Mutex,
@@ -34,12 +34,17 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
-use super::{hbone::HBONE_PORT, relay::relay};
+use super::{
+    hbone::HBONE_PORT,
+    relay::relay,
+    telemetry::{self, Party},
+};
 use crate::{
+    admin::{ConnectionLabels, Metrics, Reporter, ResponseFlags},
     identity::SpiffeId,
     netns::NetNs,
     policy::{ConnectionAttrs, Decision, MtlsMode, PolicySet, WorkloadRef},
-    workload::Workload,
+    workload::{Cluster, Workload},
 };
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -52,18 +57,25 @@ pub struct Inbound {
     target: Arc<Target>,
 }
 
+/// What the inbound side of every local workload shares.
+#[derive(Clone)]
+pub struct InboundContext {
+    pub cluster: Arc<Cluster>,
+    pub policy: watch::Receiver<Arc<PolicySet>>,
+    pub metrics: Metrics,
+    /// Cancelled when the agent stops: HBONE connections then say GOAWAY and drain.
+    pub shutdown: CancellationToken,
+}
+
 /// What every inbound connection to the workload needs.
 struct Target {
     name: String,
-    namespace: String,
-    labels: BTreeMap<String, String>,
-    ips: Vec<IpAddr>,
+    workload: Workload,
+    identity: SpiffeId,
     netns: NetNs,
     tls: TlsAcceptor,
-    policy: watch::Receiver<Arc<PolicySet>>,
     active: ActiveConnections,
-    /// Cancelled when the agent stops: HBONE connections then say GOAWAY and drain.
-    shutdown: CancellationToken,
+    context: InboundContext,
 }
 
 /// How a connection reached the agent, and so what policy may know of its source.
@@ -90,9 +102,9 @@ impl Inbound {
     /// dual-stack wildcard address, inside its namespace.
     pub fn listen(
         workload: &Workload,
+        identity: SpiffeId,
         tls: Arc<rustls::ServerConfig>,
-        policy: watch::Receiver<Arc<PolicySet>>,
-        shutdown: CancellationToken,
+        context: InboundContext,
     ) -> anyhow::Result<Self> {
         let netns = NetNs::open(&workload.netns)?;
         let bind = |addr: SocketAddr| -> anyhow::Result<TcpListener> {
@@ -115,14 +127,12 @@ impl Inbound {
             plaintext_listener,
             target: Arc::new(Target {
                 name: workload.qualified_name(),
-                namespace: workload.namespace.to_string(),
-                labels: workload.labels.clone(),
-                ips: workload.ips.clone(),
+                workload: workload.clone(),
+                identity,
                 netns,
                 tls: TlsAcceptor::from(tls),
-                policy,
                 active: ActiveConnections::default(),
-                shutdown,
+                context,
             }),
         })
     }
@@ -137,7 +147,7 @@ impl Inbound {
     }
 
     pub fn serve(self, tracker: &TaskTracker) {
-        let shutdown = &self.target.shutdown.clone();
+        let shutdown = &self.target.context.shutdown.clone();
         for listener in self.hbone_listeners {
             accept_loop(
                 listener,
@@ -189,20 +199,37 @@ fn accept_loop<F, Fut>(
 }
 
 impl Target {
-    fn workload_ref(&self) -> WorkloadRef<'_> {
-        WorkloadRef {
-            namespace: &self.namespace,
-            labels: &self.labels,
-        }
-    }
-
     fn mtls_mode(&self, port: u16) -> MtlsMode {
-        self.policy.borrow().mtls_mode(&self.workload_ref(), port)
+        let policy = self.context.policy.borrow().clone();
+        policy.mtls_mode(&WorkloadRef::from(&self.workload), port)
     }
 
     fn authorize(&self, caller: &Caller, dst: SocketAddr) -> Decision {
-        let policy = self.policy.borrow().clone();
-        policy.authorize(&self.workload_ref(), &caller.attrs(dst))
+        let policy = self.context.policy.borrow().clone();
+        policy.authorize(&WorkloadRef::from(&self.workload), &caller.attrs(dst))
+    }
+
+    /// Istio's labels for a connection from `caller`, reported by this (the destination) side.
+    fn labels_for(&self, caller: &Caller) -> ConnectionLabels {
+        let source = self.context.cluster.workload_by_ip(caller.addr.ip());
+        telemetry::connection_labels(
+            Reporter::Destination,
+            Party {
+                workload: source.map(|(_, workload)| workload),
+                principal: caller.identity.as_ref(),
+            },
+            Party {
+                workload: Some(&self.workload),
+                principal: Some(&self.identity),
+            },
+            caller.identity.is_some(),
+        )
+    }
+
+    /// Counts a connection refused by mode or policy.
+    fn record_refused(&self, caller: &Caller, rejection: &'static str) {
+        self.context.metrics.inbound_rejected(rejection);
+        telemetry::record_refused(&self.context.metrics, self.labels_for(caller));
     }
 
     /// Whether the current policy still admits a connection: its mode (plaintext under STRICT
@@ -218,7 +245,8 @@ impl Target {
     }
 
     fn owns(&self, ip: IpAddr) -> bool {
-        self.ips
+        self.workload
+            .ips
             .iter()
             .any(|own| own.to_canonical() == ip.to_canonical())
     }
@@ -251,7 +279,7 @@ impl Caller {
 /// Re-checks the workload's open connections whenever the policy changes; resets those it no
 /// longer admits.
 async fn revoke_on_policy_change(target: Arc<Target>, shutdown: CancellationToken) {
-    let mut policy = target.policy.clone();
+    let mut policy = target.context.policy.clone();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -303,6 +331,8 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let started = Instant::now();
+    let mut labels = target.labels_for(&caller);
+    target.context.metrics.connection_opened(&labels);
     let id = target.active.next_id.fetch_add(1, Ordering::Relaxed);
     let revoked = CancellationToken::new();
     target
@@ -319,8 +349,11 @@ where
             },
         );
     let outcome = tokio::select! {
-        (transferred, result) = relay(caller_stream, &mut upstream) => (transferred, result.err().map(|e| e.to_string())),
-        _ = revoked.cancelled() => (Default::default(), Some("revoked by a policy change".to_owned())),
+        (transferred, result) = relay(caller_stream, &mut upstream) => {
+            let flags = if result.is_ok() { ResponseFlags::None } else { ResponseFlags::UpstreamTermination };
+            (transferred, result.err().map(|e| e.to_string()), flags)
+        }
+        _ = revoked.cancelled() => (Default::default(), Some("revoked by a policy change".to_owned()), ResponseFlags::Denied),
     };
     target
         .active
@@ -328,7 +361,8 @@ where
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(&id);
-    let (transferred, error): (super::Transferred, Option<String>) = outcome;
+    let (transferred, error, flags): (super::Transferred, Option<String>, ResponseFlags) = outcome;
+    telemetry::record_closed(&target.context.metrics, &mut labels, transferred, flags);
     let duration_ms = started.elapsed().as_millis() as u64;
     let fields = (
         caller.identity_text(),
@@ -367,8 +401,9 @@ where
     failed
 }
 
-/// Logs a refused connection with the policy that refused it.
+/// Logs and counts a connection refused by authorization, with the policy that refused it.
 fn log_denied(target: &Target, caller: &Caller, dst: SocketAddr, reason: &str) {
+    target.record_refused(caller, "policy_denied");
     warn!(
         workload = %target.name,
         peer_identity = %caller.identity_text(),

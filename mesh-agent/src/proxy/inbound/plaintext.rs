@@ -34,6 +34,7 @@ pub(super) async fn serve_connection(
         }
     };
     if target.mtls_mode(dst.port()) == MtlsMode::Strict {
+        target.record_refused(&caller, "plaintext_strict");
         warn!(
             workload = %target.name,
             src_addr = %peer_addr,

@@ -1,0 +1,76 @@
+//! Istio's TCP metrics for the connections the proxy handles, labelled from what the agent
+//! knows: workloads by the cluster file, principals by verified certificates. What it does not
+//! know stays `unknown`, as in Istio.
+
+use crate::{
+    admin::{ConnectionLabels, Metrics, Reporter, ResponseFlags, SecurityPolicy},
+    identity::SpiffeId,
+    workload::Workload,
+};
+
+use super::Transferred;
+
+/// One end of a connection, as far as the agent can name it.
+#[derive(Clone, Copy, Default)]
+pub struct Party<'a> {
+    pub workload: Option<&'a Workload>,
+    pub principal: Option<&'a SpiffeId>,
+}
+
+/// The labels of a connection: `mutual_tls` when it crossed the mesh authenticated.
+pub fn connection_labels(
+    reporter: Reporter,
+    source: Party<'_>,
+    destination: Party<'_>,
+    mutual_tls: bool,
+) -> ConnectionLabels {
+    let mut labels = ConnectionLabels::new(reporter);
+    if let Some(workload) = source.workload {
+        labels.source_workload = workload.name.to_string();
+        labels.source_workload_namespace = workload.namespace.to_string();
+        labels.source_app = app_of(workload);
+    }
+    if let Some(workload) = destination.workload {
+        labels.destination_workload = workload.name.to_string();
+        labels.destination_workload_namespace = workload.namespace.to_string();
+    }
+    if let Some(principal) = source.principal {
+        labels.source_principal = principal.to_string();
+    }
+    if let Some(principal) = destination.principal {
+        labels.destination_principal = principal.to_string();
+    }
+    labels.connection_security_policy = if mutual_tls {
+        SecurityPolicy::MutualTls
+    } else {
+        SecurityPolicy::Unknown
+    };
+    labels
+}
+
+/// Records a connection that was refused before any byte reached the destination.
+pub fn record_refused(metrics: &Metrics, mut labels: ConnectionLabels) {
+    labels.response_flags = ResponseFlags::Denied;
+    metrics.connection_opened(&labels);
+    metrics.connection_closed(&labels, 0, 0);
+}
+
+/// Records the end of a relayed connection. Istio counts request bytes as received and response
+/// bytes as sent, whoever reports.
+pub fn record_closed(
+    metrics: &Metrics,
+    labels: &mut ConnectionLabels,
+    transferred: Transferred,
+    flags: ResponseFlags,
+) {
+    labels.response_flags = flags;
+    metrics.connection_closed(labels, transferred.received, transferred.sent);
+}
+
+fn app_of(workload: &Workload) -> String {
+    workload
+        .labels
+        .get("app")
+        .cloned()
+        .unwrap_or_else(|| crate::admin::UNKNOWN.to_owned())
+}
