@@ -10,7 +10,7 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail, ensure};
-use common::{LOG_WAIT, fetch, web_root};
+use common::{LOG_WAIT, fetch, wait_for_exit, web_root};
 use mesh_agent::identity::{CertificateAuthority, SpiffeId, WorkloadCert};
 use mesh_tests::{Cluster, ClusterBuilder, NodeSpec, Pod, PodSpec, addr};
 use serde_json::Value;
@@ -584,23 +584,6 @@ fn wait_until(mut done: impl FnMut() -> Result<bool>) -> Result<()> {
         thread::sleep(Duration::from_millis(50));
     }
     bail!("condition not met within {LOG_WAIT:?}")
-}
-
-fn wait_for_exit(
-    child: &mut std::process::Child,
-    timeout: Duration,
-) -> Result<std::process::ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok(status);
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "process did not exit in {timeout:?}"
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn cluster_ca(cluster: &Cluster) -> Result<CertificateAuthority> {

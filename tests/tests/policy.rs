@@ -6,8 +6,8 @@ mod common;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
-use common::{LOG_WAIT, web_root};
+use anyhow::{Context, Result, ensure};
+use common::{LOG_WAIT, wait_for_exit, web_root};
 use mesh_tests::{Cluster, NodeSpec, Pod, PodSpec, RunOutput, http_url};
 use serde_json::Value;
 
@@ -412,8 +412,8 @@ spec:
         principals: [\"cluster.local/ns/default/sa/client\"]
 ",
     )?;
-    let kept = wait_exit(keeps.child_mut())?;
-    let lost = wait_exit(loses.child_mut())?;
+    let kept = wait_for_exit(keeps.child_mut(), Duration::from_secs(20))?;
+    let lost = wait_for_exit(loses.child_mut(), Duration::from_secs(20))?;
     ensure!(
         kept.success(),
         "the still-allowed connection broke on reload"
@@ -476,19 +476,6 @@ with socket.create_connection((host, port), timeout=5) as s:
 fn is_address_of(pod: &Pod, addr: &str) -> bool {
     addr.parse::<std::net::SocketAddr>()
         .is_ok_and(|a| pod.ips().contains(&a.ip()))
-}
-
-fn wait_exit(child: &mut std::process::Child) -> Result<std::process::ExitStatus> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok(status);
-        }
-        if Instant::now() > deadline {
-            bail!("process did not exit");
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]

@@ -11,3 +11,41 @@ mod relay;
 pub mod telemetry;
 
 pub use relay::Transferred;
+
+use std::{net::SocketAddr, time::Duration};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+/// Accepts on `listener` until `shutdown`, handling each connection on its own task in
+/// `tracker`; `name` identifies the listener's workload in logs.
+pub(crate) fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    name: String,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+    handle: F,
+) where
+    F: Fn(TcpStream, SocketAddr) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let (shutdown, connections) = (shutdown.clone(), tracker.clone());
+    tracker.spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                accepted = listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((conn, peer)) => {
+                    connections.spawn(handle(conn, peer));
+                }
+                Err(err) => {
+                    // Out of file descriptors and the like: back off rather than spin.
+                    tracing::warn!(workload = %name, error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    });
+}

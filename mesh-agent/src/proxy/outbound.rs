@@ -140,25 +140,14 @@ impl Outbound {
     pub fn serve(self, shutdown: &CancellationToken, tracker: &TaskTracker) {
         for listener in self.listeners {
             let source = self.source.clone();
-            let (shutdown, connections) = (shutdown.clone(), tracker.clone());
-            tracker.spawn(async move {
-                loop {
-                    let accepted = tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        accepted = listener.accept() => accepted,
-                    };
-                    match accepted {
-                        Ok((conn, peer)) => {
-                            connections.spawn(handle(conn, peer, source.clone()));
-                        }
-                        Err(err) => {
-                            // Out of file descriptors and the like: back off rather than spin.
-                            warn!(src_workload = %source.name, error = %err, "accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                    }
-                }
-            });
+            let handle_from = move |conn, peer| handle(conn, peer, source.clone());
+            super::accept_loop(
+                listener,
+                self.source.name.clone(),
+                shutdown,
+                tracker,
+                handle_from,
+            );
         }
     }
 }

@@ -63,3 +63,21 @@ pub fn wait_conn(cluster: &Cluster, node: &str, src: &str, dst: &str) -> Result<
 pub fn settle() {
     thread::sleep(Duration::from_millis(300));
 }
+
+/// Waits for `child` to exit, at most `timeout`.
+pub fn wait_for_exit(
+    child: &mut std::process::Child,
+    timeout: Duration,
+) -> Result<std::process::ExitStatus> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "process did not exit in {timeout:?}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -168,6 +168,7 @@ impl Inbound {
     }
 }
 
+/// Accepts on `listener` for `target`, handling each connection with `serve_connection`.
 fn accept_loop<F, Fut>(
     listener: TcpListener,
     target: Arc<Target>,
@@ -178,24 +179,9 @@ fn accept_loop<F, Fut>(
     F: Fn(TcpStream, SocketAddr, Arc<Target>) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let (shutdown, connections) = (shutdown.clone(), tracker.clone());
-    tracker.spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                accepted = listener.accept() => accepted,
-            };
-            match accepted {
-                Ok((tcp, peer)) => {
-                    connections.spawn(serve_connection(tcp, peer, target.clone()));
-                }
-                Err(err) => {
-                    warn!(workload = %target.name, error = %err, "inbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
-    });
+    let name = target.name.clone();
+    let handle = move |tcp, peer| serve_connection(tcp, peer, target.clone());
+    super::accept_loop(listener, name, shutdown, tracker, handle);
 }
 
 impl Target {
