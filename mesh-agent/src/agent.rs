@@ -3,17 +3,17 @@
 use std::{
     collections::HashSet,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
 use anyhow::Context as _;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{error, info, warn};
-
-use std::sync::Arc;
-
-use tokio::sync::watch;
 
 use crate::{
     admin::{AdminConfig, AdminServer, AdminState, Metrics},
@@ -63,7 +63,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     capture.set_excluded_ports(&node.excluded_ports)?;
 
     let metrics = Metrics::new();
-    let policy = start_policy(&cluster, &shutdown).await?;
+    let policy = start_policy(&cluster, &shutdown)?;
     let admin = start_admin(
         &config,
         &metrics,
@@ -96,11 +96,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tracker: tracker.clone(),
     };
     let enrolled = enrol_workloads(node, &mut capture, &node_context);
-    metrics.set_workloads(enrolled.len());
-    admin.set_ready(true);
     capture.retain_enrolled(&enrolled)?;
     let local_ips: Vec<_> = node.workloads.iter().flat_map(|w| w.ips.clone()).collect();
     capture.retain_inbound(&local_ips)?;
+    metrics.set_workloads(enrolled.len());
+    admin.set_ready(true);
     info!(
         node = %node.name,
         workloads = enrolled.len(),
@@ -215,7 +215,7 @@ fn config_dump(
 
 /// Loads the policies the cluster file names and keeps them current; without a path, the mesh
 /// runs with none (PERMISSIVE, everything allowed), as Istio does.
-async fn start_policy(
+fn start_policy(
     cluster: &Cluster,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<watch::Receiver<Arc<PolicySet>>> {
@@ -271,7 +271,7 @@ fn enrol_workloads(node: &Node, capture: &mut Capture, context: &NodeContext) ->
                 "cannot open the workload's listeners; its connections will be refused"
             );
         }
-        match enrol(capture, workload) {
+        match capture.enroll(&workload.cgroup) {
             Ok(id) => {
                 info!(workload = %name, cgroup = %workload.cgroup.display(), cgroup_id = id, "workload enrolled");
                 enrolled.insert(id);
@@ -284,10 +284,6 @@ fn enrol_workloads(node: &Node, capture: &mut Capture, context: &NodeContext) ->
         }
     }
     enrolled
-}
-
-fn enrol(capture: &mut Capture, workload: &Workload) -> anyhow::Result<u64> {
-    capture.enroll(&workload.cgroup)
 }
 
 /// Outbound listeners (captured connections), inbound HBONE listeners (the workload's IPs, port
