@@ -1,4 +1,4 @@
-//! Task runner for the workspace: `cargo xtask <setup|build|test|run|demo>`.
+//! Task runner for the workspace: `cargo xtask <setup|build|test|run|demo|bench>`.
 //!
 //! Everything xtask says goes to stderr (like cargo), each command it runs is echoed as `$ ...`.
 
@@ -62,6 +62,13 @@ enum Task {
     },
     /// setup + build, then run the mesh-demo binary
     Demo,
+    /// setup + build, then run the mesh-bench binary: direct vs mesh vs stunnel on a two-node
+    /// test cluster; writes bench/results/latest.md
+    Bench {
+        /// Fewer repetitions and shorter runs (under 3 minutes)
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -73,6 +80,7 @@ fn main() -> ExitCode {
         Task::Test { args } => test(&args),
         Task::Run { args } => run(&args),
         Task::Demo => demo(),
+        Task::Bench { quick } => bench(quick),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -133,6 +141,21 @@ fn demo() -> Result<()> {
     let mut c = cargo("run --release -p mesh-tests --bin mesh-demo");
     c.env("MESH_AGENT_BIN", agent_bin());
     cmd(&mut c)
+}
+
+fn bench(quick: bool) -> Result<()> {
+    let start = Instant::now();
+    setup()?;
+    build(true)?;
+    let mut c = cargo("run --release -p mesh-tests --bin mesh-bench");
+    c.env("MESH_AGENT_BIN", agent_bin());
+    if quick {
+        c.args(["--", "--quick"]);
+    }
+    let result = cmd(&mut c);
+    let secs = start.elapsed().as_secs();
+    eprintln!("bench wall-clock time: {}m{:02}s", secs / 60, secs % 60);
+    result
 }
 
 // ---- setup items: each prints one line saying what it found or did ----

@@ -75,9 +75,21 @@ impl Opts {
             }
         }
         Ok(if quick {
-            Opts { quick, reps: reps.unwrap_or(3), iperf_secs: 2, rr_n: 2000, cr_n: 300 }
+            Opts {
+                quick,
+                reps: reps.unwrap_or(3),
+                iperf_secs: 2,
+                rr_n: 5000,
+                cr_n: 2000,
+            }
         } else {
-            Opts { quick, reps: reps.unwrap_or(5), iperf_secs: 10, rr_n: 20000, cr_n: 2000 }
+            Opts {
+                quick,
+                reps: reps.unwrap_or(5),
+                iperf_secs: 10,
+                rr_n: 20000,
+                cr_n: 2000,
+            }
         })
     }
 }
@@ -250,12 +262,26 @@ fn run(opts: &Opts) -> Result<()> {
     // Servers: iperf3 and the echo server in both server pods.
     let mut guards: Vec<ChildGuard> = Vec::new();
     for pod in [server, plain_server] {
-        let mut g = pod.spawn("iperf3", ["-s", "-p", &IPERF_PORT.to_string()])?;
+        let log = cluster.workdir().join(format!("{}-iperf3.log", pod.name()));
+        // Through sh for the redirection: iperf3 prints some errors (e.g. about the
+        // readiness probe's connection) to stderr even with --logfile.
+        let mut g = pod.spawn(
+            "/bin/sh",
+            [
+                "-c".to_string(),
+                format!("exec iperf3 -s -p {IPERF_PORT} >'{}' 2>&1", log.display()),
+            ],
+        )?;
         pod.wait_for_port(&mut g, IPERF_PORT)?;
         guards.push(g);
         let mut g = pod.spawn(
             PYTHON,
-            ["-u", &helper.to_string_lossy(), "server", &ECHO_PORT.to_string()],
+            [
+                "-u",
+                &helper.to_string_lossy(),
+                "server",
+                &ECHO_PORT.to_string(),
+            ],
         )?;
         pod.wait_for_port(&mut g, ECHO_PORT)?;
         guards.push(g);
@@ -319,7 +345,7 @@ fn run(opts: &Opts) -> Result<()> {
                 match out {
                     Ok(figs) => {
                         eprintln!(
-                            "rep {}/{} {:<32} {:<13} {}  agents {:.2} s CPU, {:.1} MiB",
+                            "rep {}/{} {:<32} {:<13} {}  agents {:.2} s CPU, {:.1} MiB; stunnel {:.2} s CPU",
                             rep + 1,
                             opts.reps,
                             test.label(),
@@ -329,7 +355,8 @@ fn run(opts: &Opts) -> Result<()> {
                                 .collect::<Vec<_>>()
                                 .join(" "),
                             ua.cpu_s,
-                            ua.peak_rss_mib
+                            ua.peak_rss_mib,
+                            us.cpu_s
                         );
                         for (f, v) in figs {
                             res.figures.entry((f, path)).or_default().push(v);
@@ -338,12 +365,8 @@ fn run(opts: &Opts) -> Result<()> {
                         res.stunnel.entry((test, path)).or_default().push(us);
                     }
                     Err(e) => {
-                        let msg = format!(
-                            "rep {} {} {}: {e:#}",
-                            rep + 1,
-                            test.label(),
-                            path.label()
-                        );
+                        let msg =
+                            format!("rep {} {} {}: {e:#}", rep + 1, test.label(), path.label());
                         eprintln!("mesh-bench: {msg}");
                         res.errors.push(msg);
                     }
@@ -381,8 +404,9 @@ fn run(opts: &Opts) -> Result<()> {
     );
     eprintln!("mesh-bench: {check}");
     if mesh_conns.is_empty() || mtls == 0 {
-        res.errors
-            .push(format!("mesh path not seen as mutual TLS by the agent: {check}"));
+        res.errors.push(format!(
+            "mesh path not seen as mutual TLS by the agent: {check}"
+        ));
     }
 
     drop(stunnels);
@@ -474,7 +498,11 @@ fn rr(t: &Target, helper: &Path, n: usize) -> Result<(f64, f64)> {
         ],
         Duration::from_secs(120),
     )?;
-    let get = |k: &str| v.get(k).and_then(Value::as_f64).ok_or_else(|| anyhow!("no {k} in {v}"));
+    let get = |k: &str| {
+        v.get(k)
+            .and_then(Value::as_f64)
+            .ok_or_else(|| anyhow!("no {k} in {v}"))
+    };
     Ok((get("p50_us")?, get("p99_us")?))
 }
 
@@ -482,7 +510,12 @@ fn conn_rate(t: &Target, helper: &Path, n: usize) -> Result<f64> {
     let v = helper_json(
         t,
         helper,
-        &["cr".into(), t.host.clone(), t.echo_port.to_string(), n.to_string()],
+        &[
+            "cr".into(),
+            t.host.clone(),
+            t.echo_port.to_string(),
+            n.to_string(),
+        ],
         Duration::from_secs(120),
     )?;
     v.get("conns_per_s")
@@ -500,12 +533,25 @@ fn start_stunnel(cluster: &Cluster, client_pod: &Pod, server_pod: &Pod) -> Resul
     fs::create_dir_all(&dir)?;
     for side in ["client", "server"] {
         let mut c = std::process::Command::new("openssl");
-        c.args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"])
-            .args(["-nodes", "-days", "2", "-subj", &format!("/CN=bench-{side}")])
-            .arg("-keyout")
-            .arg(dir.join(format!("{side}.key")))
-            .arg("-out")
-            .arg(dir.join(format!("{side}.pem")));
+        c.args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args([
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN=bench-{side}"),
+        ])
+        .arg("-keyout")
+        .arg(dir.join(format!("{side}.key")))
+        .arg("-out")
+        .arg(dir.join(format!("{side}.pem")));
         mesh_tests::run_with_timeout(&mut c, Duration::from_secs(20))?
             .check()
             .context("openssl req")?;
@@ -513,14 +559,14 @@ fn start_stunnel(cluster: &Cluster, client_pod: &Pod, server_pod: &Pod) -> Resul
     let d = dir.display();
     let server_ip = server_pod.ipv4();
     let client_conf = format!(
-        "foreground = yes\npid =\ndebug = 4\noutput = {d}/client.log\n\
+        "foreground = quiet\npid =\ndebug = 4\noutput = {d}/client.log\n\
          cert = {d}/client.pem\nkey = {d}/client.key\nCAfile = {d}/server.pem\nverify = 2\n\
          client = yes\n\
          [iperf]\naccept = 127.0.0.1:{TUN_IPERF_PORT}\nconnect = {server_ip}:{TUN_SRV_IPERF_PORT}\n\
          [echo]\naccept = 127.0.0.1:{TUN_ECHO_PORT}\nconnect = {server_ip}:{TUN_SRV_ECHO_PORT}\n"
     );
     let server_conf = format!(
-        "foreground = yes\npid =\ndebug = 4\noutput = {d}/server.log\n\
+        "foreground = quiet\npid =\ndebug = 4\noutput = {d}/server.log\n\
          cert = {d}/server.pem\nkey = {d}/server.key\nCAfile = {d}/client.pem\nverify = 2\n\
          [iperf]\naccept = 0.0.0.0:{TUN_SRV_IPERF_PORT}\nconnect = 127.0.0.1:{IPERF_PORT}\n\
          [echo]\naccept = 0.0.0.0:{TUN_SRV_ECHO_PORT}\nconnect = 127.0.0.1:{ECHO_PORT}\n"
@@ -611,7 +657,11 @@ fn median(v: &[f64]) -> Option<f64> {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     let n = s.len();
-    Some(if n % 2 == 1 { s[n / 2] } else { (s[n / 2 - 1] + s[n / 2]) / 2.0 })
+    Some(if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    })
 }
 
 fn fmt_val(v: Option<f64>) -> String {
@@ -694,7 +744,11 @@ fn report(opts: &Opts, res: &Results, check: &str, elapsed: Duration) -> String 
     );
     let _ = writeln!(s, "|---|---:|---:|---:|---|---:|---:|---:|");
     for f in FIGURES {
-        let (d, me, pe) = (m(f, PathKind::Direct), m(f, PathKind::Mesh), m(f, PathKind::Peer));
+        let (d, me, pe) = (
+            m(f, PathKind::Direct),
+            m(f, PathKind::Mesh),
+            m(f, PathKind::Peer),
+        );
         let _ = writeln!(
             s,
             "| {} | {} | {} | {} | not yet available | {} | {} | {} |",
@@ -710,7 +764,17 @@ fn report(opts: &Opts, res: &Results, check: &str, elapsed: Duration) -> String 
 
     let _ = writeln!(
         s,
-        "\nResources during each run (median over repetitions). Agents: CPU seconds of both \
+        "\nRatios are the first path's figure divided by the second's: below 1× is less \
+         throughput or fewer connections/s, above 1× is more latency. For new connections, the \
+         mesh reuses the pooled HBONE connection between the agents (one HTTP/2 connection over \
+         mutual TLS per source identity and destination workload: no TLS handshake per \
+         connection) while stunnel makes one TLS handshake per connection; for the same reason \
+         the mesh's 8 iperf3 streams share one TLS connection, stunnel's use 8. On a small \
+         shared machine figures can vary between runs (see the raw values).\n"
+    );
+    let _ = writeln!(
+        s,
+        "Resources during each run (median over repetitions). Agents: CPU seconds of both \
          nodes' `mesh-agent` processes (utime+stime from `/proc/<pid>/stat`, pids from the \
          nodes' agent cgroup `cgroup.procs`), and the larger of the two agents' peak RSS \
          (`VmHWM` of `/proc/<pid>/status`, reset through `clear_refs` before each run). \
@@ -755,7 +819,10 @@ fn report(opts: &Opts, res: &Results, check: &str, elapsed: Duration) -> String 
                 "- {} / {}: {}",
                 f.label(),
                 p.label(),
-                v.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(", ")
+                v.iter()
+                    .map(|x| format!("{x:.2}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
         }
     }
