@@ -33,6 +33,7 @@
 //! ```
 
 mod cluster;
+pub mod interrupt;
 mod pod;
 pub mod seed;
 mod sweep;

@@ -10,7 +10,7 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail, ensure};
-use common::{LOG_WAIT, fetch, wait_for_exit, web_root};
+use common::{HOLD_ECHO, LOG_WAIT, fetch, wait_for_exit, web_root};
 use mesh_agent::identity::{CertificateAuthority, SpiffeId, WorkloadCert};
 use mesh_tests::{Cluster, ClusterBuilder, NodeSpec, Pod, PodSpec, addr};
 use serde_json::Value;
@@ -395,7 +395,7 @@ fn connections_survive_certificate_renewals() -> Result<()> {
         "/usr/bin/python3",
         [
             "-c",
-            LONG_LIVED_ECHO,
+            HOLD_ECHO,
             &echo.ipv4().to_string(),
             &ECHO_PORT.to_string(),
             "9",
@@ -466,21 +466,6 @@ threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
 for t in threads: t.start()
 for t in threads: t.join()
 print(len(ok))
-"#;
-
-const LONG_LIVED_ECHO: &str = r#"
-import socket, sys, time
-host, port, secs = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-with socket.create_connection((host, port), timeout=10) as s:
-    end = time.time() + secs
-    i = 0
-    while time.time() < end:
-        msg = b"tick %d\n" % i
-        s.sendall(msg)
-        if s.recv(64) != msg:
-            sys.exit(1)
-        i += 1
-        time.sleep(0.5)
 "#;
 
 fn echo_round_trip(from: &Pod, echo: &Pod, message: &str) -> Result<String> {

@@ -7,7 +7,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use common::{LOG_WAIT, wait_for_exit, web_root};
+use common::{HOLD_ECHO, LOG_WAIT, wait_for_exit, web_root};
 use mesh_tests::{Cluster, NodeSpec, Pod, PodSpec, RunOutput, http_url};
 use serde_json::Value;
 
@@ -454,23 +454,6 @@ fn outbound_outside_the_mesh_stays_plaintext_and_into_it_becomes_mtls() -> Resul
     ensure!(to_web.other["security"] == "mutual_tls", "{to_web:?}");
     Ok(())
 }
-
-/// Holds one echo connection open for `secs` seconds, exchanging a line twice a second; exits
-/// non-zero if it breaks.
-const HOLD_ECHO: &str = r#"
-import socket, sys, time
-host, port, secs = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-with socket.create_connection((host, port), timeout=5) as s:
-    end = time.time() + secs
-    i = 0
-    while time.time() < end:
-        msg = b"line %d\n" % i
-        s.sendall(msg)
-        if s.recv(64) != msg:
-            sys.exit(1)
-        i += 1
-        time.sleep(0.5)
-"#;
 
 /// Whether `addr` ("ip:port" or "[ip]:port") is one of `pod`'s addresses.
 fn is_address_of(pod: &Pod, addr: &str) -> bool {

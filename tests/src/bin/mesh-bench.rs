@@ -24,19 +24,13 @@ use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use mesh_tests::{ChildGuard, Cluster, NodeSpec, Pod, PodSpec};
-use nix::sys::signal::{SigSet, Signal};
+use mesh_tests::{ChildGuard, Cluster, NodeSpec, Pod, PodSpec, interrupt};
 use serde_json::Value;
-
-static CLUSTER: Mutex<Option<Weak<Cluster>>> = Mutex::new(None);
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-static EXIT: Mutex<()> = Mutex::new(());
 
 const PYTHON: &str = "/usr/bin/python3";
 const HELPER: &str = include_str!("mesh-bench.py");
@@ -185,41 +179,7 @@ struct Results {
 }
 
 fn main() -> ExitCode {
-    let mut signals = SigSet::empty();
-    signals.add(Signal::SIGINT);
-    signals.add(Signal::SIGTERM);
-    if let Err(e) = signals.thread_block() {
-        eprintln!("mesh-bench: cannot block signals: {e}");
-        return ExitCode::FAILURE;
-    }
-    thread::spawn(move || {
-        while let Ok(sig) = signals.wait() {
-            let _exiting = EXIT.lock().unwrap();
-            INTERRUPTED.store(true, Ordering::SeqCst);
-            let cluster = CLUSTER.lock().unwrap().as_ref().and_then(Weak::upgrade);
-            if let Some(cluster) = cluster {
-                eprintln!("\nmesh-bench: {sig}: tearing the cluster down");
-                cluster.teardown();
-                std::process::exit(130);
-            }
-        }
-    });
-    let result = Opts::parse().and_then(|o| run(&o));
-    let _exiting = EXIT.lock().unwrap();
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("mesh-bench: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn check_interrupted() -> Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        bail!("interrupted");
-    }
-    Ok(())
+    interrupt::run_main("mesh-bench", || Opts::parse().and_then(|o| run(&o)))
 }
 
 fn workspace_root() -> PathBuf {
@@ -246,8 +206,8 @@ fn run(opts: &Opts) -> Result<()> {
             )
             .build()?,
     );
-    *CLUSTER.lock().unwrap() = Some(Arc::downgrade(&cluster));
-    check_interrupted()?;
+    interrupt::watch(&cluster);
+    interrupt::check()?;
     cluster.start_agents()?;
     eprintln!("mesh-bench: cluster {} up, agents ready", cluster.id());
 
@@ -333,7 +293,7 @@ fn run(opts: &Opts) -> Result<()> {
         for test in TESTS {
             // Rotate the path order between repetitions.
             for k in 0..PATHS.len() {
-                check_interrupted()?;
+                interrupt::check()?;
                 let path = PATHS[(k + rep) % PATHS.len()];
                 let t = target(path);
                 let apids = agent_pids();
@@ -420,7 +380,7 @@ fn run(opts: &Opts) -> Result<()> {
     fs::write(&file, &report).with_context(|| format!("write {}", file.display()))?;
     eprintln!("mesh-bench: written to {}", file.display());
     // `cluster` is dropped (torn down) here; the signal thread only holds a Weak.
-    *CLUSTER.lock().unwrap() = None;
+    interrupt::forget();
     drop(cluster);
     if res.figures.is_empty() {
         bail!("no measurement succeeded");

@@ -7,65 +7,14 @@
 //! and on Ctrl-C / SIGTERM. It exits non-zero if the story does not come out as told.
 
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
-use std::thread;
+use std::sync::Arc;
 
 use anyhow::{Result, bail};
-use mesh_tests::Cluster;
 use mesh_tests::seed::{self, Call, Edge, Event, Outcome, PolicyChange, Seed, Step, StepReport};
-use nix::sys::signal::{SigSet, Signal};
-
-/// The cluster, for the signal thread (weak: main owns it, and tears it down
-/// by dropping it).
-static CLUSTER: Mutex<Option<Weak<Cluster>>> = Mutex::new(None);
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-/// Held by whoever is about to end the process: the signal thread while it
-/// tears down (then it exits), main before it returns. So main cannot end the
-/// process in the middle of the signal thread's teardown.
-static EXIT: Mutex<()> = Mutex::new(());
+use mesh_tests::{Cluster, interrupt};
 
 fn main() -> ExitCode {
-    // Ctrl-C / SIGTERM go to one thread that tears the cluster down, instead
-    // of killing the process with namespaces and cgroups left behind.
-    let mut signals = SigSet::empty();
-    signals.add(Signal::SIGINT);
-    signals.add(Signal::SIGTERM);
-    if let Err(e) = signals.thread_block() {
-        eprintln!("mesh-demo: cannot block signals: {e}");
-        return ExitCode::FAILURE;
-    }
-    thread::spawn(move || {
-        while let Ok(sig) = signals.wait() {
-            let _exiting = EXIT.lock().unwrap();
-            INTERRUPTED.store(true, Ordering::SeqCst);
-            // None before the cluster exists or once main is dropping it:
-            // then main sees INTERRUPTED, or is tearing down already.
-            let cluster = CLUSTER.lock().unwrap().as_ref().and_then(Weak::upgrade);
-            if let Some(cluster) = cluster {
-                eprintln!("\nmesh-demo: {sig}: tearing the cluster down");
-                cluster.teardown();
-                std::process::exit(130);
-            }
-        }
-    });
-
-    let result = run();
-    let _exiting = EXIT.lock().unwrap();
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("mesh-demo: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn check_interrupted() -> Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        bail!("interrupted");
-    }
-    Ok(())
+    interrupt::run_main("mesh-demo", run)
 }
 
 fn run() -> Result<()> {
@@ -73,13 +22,13 @@ fn run() -> Result<()> {
         "== Mutual TLS with the mesh: Istio's tutorial application, and a curl pod outside the mesh"
     );
     let cluster = Arc::new(seed::build_cluster()?);
-    *CLUSTER.lock().unwrap() = Some(Arc::downgrade(&cluster));
-    check_interrupted()?;
+    interrupt::watch(&cluster);
+    interrupt::check()?;
     describe(&cluster);
 
     println!("\n== Starting one mesh-agent per node, then recommendation v1 and v2 and preference");
     let seed = Seed::start(cluster)?;
-    check_interrupted()?;
+    interrupt::check()?;
     println!(
         "   preference answers `preference => <recommendation's answer>`, calling v1 and v2 in turn"
     );
@@ -90,7 +39,7 @@ fn run() -> Result<()> {
 
     let mut failed = Vec::new();
     for (n, step) in Step::ALL.into_iter().enumerate() {
-        check_interrupted()?;
+        interrupt::check()?;
         if !play(&seed, n + 1, step)? {
             failed.push(format!("step {}: {}", n + 1, step.title()));
         }
@@ -122,7 +71,7 @@ fn play(seed: &Seed, n: usize, step: Step) -> Result<bool> {
 
     let report = seed::run_step(cluster, step, seed::ROUNDS, seed::PAUSE, |call| {
         print_call(call);
-        check_interrupted()
+        interrupt::check()
     })?;
 
     println!("\n   What the agents saw (like Kiali's graph with the security badges):");

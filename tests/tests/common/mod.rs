@@ -81,3 +81,20 @@ pub fn wait_for_exit(
         thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Python: holds one echo connection open for `secs` seconds (argv: host, port, secs),
+/// exchanging a line twice a second; exits non-zero if the connection breaks.
+pub const HOLD_ECHO: &str = r#"
+import socket, sys, time
+host, port, secs = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+with socket.create_connection((host, port), timeout=10) as s:
+    end = time.time() + secs
+    i = 0
+    while time.time() < end:
+        msg = b"line %d\n" % i
+        s.sendall(msg)
+        if s.recv(64) != msg:
+            sys.exit(1)
+        i += 1
+        time.sleep(0.5)
+"#;
