@@ -4,18 +4,14 @@
 mod common;
 
 use anyhow::{Result, ensure};
-use common::{fetch, web_root};
-use mesh_tests::{Cluster, NodeSpec, PodSpec, http_url};
+use common::{client_and_web, fetch, web_root};
+use mesh_tests::http_url;
 
 const BODY: &[u8] = b"hello from web\n";
 
 #[test]
 fn stopped_agent_fails_closed_and_recovers() -> Result<()> {
-    let cluster = Cluster::builder()
-        .node(NodeSpec::new("node-a").pod(PodSpec::new("client")))
-        .node(NodeSpec::new("node-b").pod(PodSpec::new("web")))
-        .build()?;
-    cluster.start_agents()?;
+    let cluster = client_and_web()?;
     let client = cluster.pod("node-a", "client")?;
     let web = cluster.pod("node-b", "web")?;
     let server = web.http_server(8080, &web_root(&cluster, "www", BODY)?)?;

@@ -8,8 +8,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use common::wait_conn;
-use mesh_tests::{Cluster, NodeSpec, PodSpec, addr, http_url};
+use common::{client_and_web, wait_conn};
+use mesh_tests::{addr, http_url};
 use sha2::{Digest, Sha256};
 
 const SIZE: u64 = 100 * 1024 * 1024;
@@ -40,11 +40,7 @@ fn sha256_of(path: &Path) -> Result<(Vec<u8>, u64)> {
 
 #[test]
 fn hundred_mib_download_is_intact() -> Result<()> {
-    let cluster = Cluster::builder()
-        .node(NodeSpec::new("node-a").pod(PodSpec::new("client")))
-        .node(NodeSpec::new("node-b").pod(PodSpec::new("web")))
-        .build()?;
-    cluster.start_agents()?;
+    let cluster = client_and_web()?;
     let client = cluster.pod("node-a", "client")?;
     let web = cluster.pod("node-b", "web")?;
     let www = cluster.workdir().join("www");

@@ -8,7 +8,7 @@ use std::thread;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use mesh_tests::{Cluster, ConnectionLog, Pod, http_url};
+use mesh_tests::{Cluster, ConnectionLog, NodeSpec, Pod, PodSpec, http_url};
 
 /// How long an agent may take to log a finished connection.
 pub const LOG_WAIT: Duration = Duration::from_secs(10);
@@ -98,3 +98,13 @@ with socket.create_connection((host, port), timeout=10) as s:
         i += 1
         time.sleep(0.5)
 "#;
+
+/// The smallest mesh: `client` on node-a, `web` on node-b, both enrolled, agents running.
+pub fn client_and_web() -> Result<Cluster> {
+    let cluster = Cluster::builder()
+        .node(NodeSpec::new("node-a").pod(PodSpec::new("client")))
+        .node(NodeSpec::new("node-b").pod(PodSpec::new("web")))
+        .build()?;
+    cluster.start_agents()?;
+    Ok(cluster)
+}
