@@ -44,6 +44,10 @@ enum Command {
         /// Readiness endpoint (GET /healthz/ready).
         #[arg(long, default_value = "0.0.0.0:15021")]
         readiness_addr: std::net::SocketAddr,
+        /// Threads that carry connections. Default: half the CPUs this process may use, at
+        /// least one; the node's workloads need the others (docs/performance.md).
+        #[arg(long, env = "MESH_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+        worker_threads: Option<u16>,
     },
     /// Manage the mesh's certificate authority.
     #[command(subcommand)]
@@ -97,7 +101,8 @@ fn execute(command: Command) -> anyhow::Result<()> {
             admin_addr,
             metrics_addr,
             readiness_addr,
-        } => tokio::runtime::Runtime::new()?.block_on(agent::run(agent::Config {
+            worker_threads,
+        } => runtime(worker_threads)?.block_on(agent::run(agent::Config {
             admin: AdminConfig {
                 admin: admin_addr,
                 metrics: metrics_addr,
@@ -127,6 +132,43 @@ fn execute(command: Command) -> anyhow::Result<()> {
             agent::uninstall(&pin_dir)
         }
     }
+}
+
+/// Every proxied connection holds two descriptors on each agent it crosses; the usual soft limit
+/// of 1024 would cap a node at a few hundred connections.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain system calls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return;
+        }
+        let soft = limit.rlim_cur;
+        limit.rlim_cur = limit.rlim_max;
+        if soft < limit.rlim_max && libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+            tracing::warn!(soft, hard = limit.rlim_max, "cannot raise the open files limit");
+        }
+    }
+}
+
+fn runtime(worker_threads: Option<u16>) -> anyhow::Result<tokio::runtime::Runtime> {
+    raise_open_files_limit();
+    let threads = worker_threads.map_or_else(default_worker_threads, usize::from);
+    tracing::info!(worker_threads = threads, "starting the runtime");
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()?)
+}
+
+/// Fewer threads than CPUs: on a node the agent shares the CPUs with its workloads, and each
+/// extra worker adds cross-thread wake-ups to every request (docs/performance.md).
+fn default_worker_threads() -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    (cpus / 2).max(1)
 }
 
 /// A parent may start us with SIGTERM blocked (Rust's `Command` passes its mask on); the agent

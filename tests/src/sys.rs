@@ -105,9 +105,7 @@ pub fn sysctls_in(netns: &Path, settings: &[(String, &str)]) -> Result<()> {
 /// Both files are opened now; in the child, between fork and exec, it writes
 /// "0" (= itself) to `cgroup.procs` and calls `setns`. Unlike `ip netns exec`
 /// this keeps the host's /sys (and so the cgroup fs) visible to the program.
-/// The child also gets an empty signal mask: std passes the spawning thread's
-/// mask on, and a program started from a thread that blocks SIGTERM (like
-/// mesh-demo's) would otherwise never see the SIGTERM that stops it.
+/// The child also gets an empty signal mask (see [`with_empty_signal_mask`]).
 pub fn place(cmd: &mut Command, cgroup: &Path, netns: &Path) -> Result<()> {
     let procs_path = cgroup.join("cgroup.procs");
     let procs = OpenOptions::new()
@@ -115,14 +113,10 @@ pub fn place(cmd: &mut Command, cgroup: &Path, netns: &Path) -> Result<()> {
         .open(&procs_path)
         .with_context(|| format!("open {}", procs_path.display()))?;
     let ns = File::open(netns).with_context(|| format!("open {}", netns.display()))?;
+    with_empty_signal_mask(cmd);
     // SAFETY: the closure only makes async-signal-safe system calls.
     unsafe {
         cmd.pre_exec(move || {
-            let mut none: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut none);
-            if libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()) != 0 {
-                return Err(io::Error::last_os_error());
-            }
             if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
                 return Err(io::Error::last_os_error());
             }
@@ -134,6 +128,23 @@ pub fn place(cmd: &mut Command, cgroup: &Path, netns: &Path) -> Result<()> {
     }
     cmd.process_group(0);
     Ok(())
+}
+
+/// Starts the program with no signal blocked: std passes the spawning thread's mask on, and a
+/// program started from a thread that blocks SIGTERM and SIGINT (like the demo's and the
+/// benchmark's, see [`crate::interrupt`]) would otherwise never see the signal that stops it.
+pub fn with_empty_signal_mask(cmd: &mut Command) {
+    // SAFETY: the closure only makes async-signal-safe system calls.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            if libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Gives the program its own mount namespace in which `hosts` is bind-mounted over /etc/hosts,

@@ -2,8 +2,10 @@
 
 use std::io;
 
+use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
+/// Per direction. Large reads mean fewer system calls and fuller TLS records.
 const BUFFER_SIZE: usize = 64 * 1024;
 
 /// Bytes moved, from the point of view of the caller.
@@ -38,13 +40,16 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; BUFFER_SIZE];
+    // Left uninitialised (`read_buf`): zeroing 64 KiB twice per connection showed in the
+    // new-connection profile.
+    let mut buf = BytesMut::with_capacity(BUFFER_SIZE);
     loop {
-        let n = from.read(&mut buf).await?;
+        buf.clear();
+        let n = from.read_buf(&mut buf).await?;
         if n == 0 {
             return finish_sending(to).await;
         }
-        to.write_all(&buf[..n]).await?;
+        to.write_all(&buf).await?;
         *count += n as u64;
     }
 }

@@ -20,20 +20,27 @@
 //! printed and written to `bench/results/latest.md`.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use mesh_tests::{ChildGuard, Cluster, NodeSpec, Pod, PodSpec, interrupt};
 use serde_json::Value;
 
+mod profile;
+mod report;
+mod stunnel;
+mod usage;
+
+use report::report;
+use stunnel::start_stunnel;
+use usage::{Snapshot, Usage, read_pids};
+
 const PYTHON: &str = "/usr/bin/python3";
-const HELPER: &str = include_str!("mesh-bench.py");
+const HELPER: &str = include_str!("helper.py");
 
 const IPERF_PORT: u16 = 5201;
 const ECHO_PORT: u16 = 7000;
@@ -47,6 +54,8 @@ const TUN_SRV_ECHO_PORT: u16 = 17001;
 #[derive(Debug, Clone)]
 struct Opts {
     quick: bool,
+    /// Profile each test once on the mesh path instead of measuring.
+    profile: bool,
     reps: usize,
     iperf_secs: u32,
     rr_n: usize,
@@ -56,21 +65,24 @@ struct Opts {
 impl Opts {
     fn parse() -> Result<Self> {
         let mut quick = false;
+        let mut profile = false;
         let mut reps = None;
         for a in std::env::args().skip(1) {
             match a.as_str() {
                 "--quick" => quick = true,
+                "--profile" => profile = true,
                 s if s.starts_with("--reps=") => reps = Some(s[7..].parse()?),
                 "-h" | "--help" => {
-                    println!("usage: mesh-bench [--quick] [--reps=N]");
+                    println!("usage: mesh-bench [--quick] [--profile] [--reps=N]");
                     std::process::exit(0);
                 }
-                other => bail!("unknown argument {other} (usage: mesh-bench [--quick] [--reps=N])"),
+                other => bail!("unknown argument {other} (usage: mesh-bench [--quick] [--profile] [--reps=N])"),
             }
         }
         Ok(if quick {
             Opts {
                 quick,
+                profile,
                 reps: reps.unwrap_or(3),
                 iperf_secs: 2,
                 rr_n: 5000,
@@ -79,6 +91,7 @@ impl Opts {
         } else {
             Opts {
                 quick,
+                profile,
                 reps: reps.unwrap_or(5),
                 iperf_secs: 10,
                 rr_n: 20000,
@@ -160,14 +173,6 @@ struct Target<'a> {
     host: String,
     iperf_port: u16,
     echo_port: u16,
-}
-
-/// CPU and peak RSS of a set of processes over one run.
-#[derive(Debug, Clone, Copy, Default)]
-struct Usage {
-    cpu_s: f64,
-    /// Largest per-process peak RSS (VmHWM, reset before the run), MiB.
-    peak_rss_mib: f64,
 }
 
 #[derive(Default)]
@@ -286,6 +291,10 @@ fn run(opts: &Opts) -> Result<()> {
     };
     if agent_pids().is_empty() {
         bail!("no agent processes found in the nodes' agent cgroups");
+    }
+
+    if opts.profile {
+        return profile_mesh_path(&cluster, &target(PathKind::Mesh), &helper, &agent_pids(), opts);
     }
 
     let mut res = Results::default();
@@ -483,320 +492,33 @@ fn conn_rate(t: &Target, helper: &Path, n: usize) -> Result<f64> {
         .ok_or_else(|| anyhow!("no conns_per_s in {v}"))
 }
 
-// ------------------------------------------------------------------ stunnel peer
-
-/// Self-signed P-256 certificates for both ends, then a stunnel client in `client_pod`
-/// (127.0.0.1 listeners) and a stunnel server in `server_pod` forwarding to its local
-/// iperf3 and echo servers; mutual TLS (`verify = 2` against the other end's certificate).
-fn start_stunnel(cluster: &Cluster, client_pod: &Pod, server_pod: &Pod) -> Result<Vec<ChildGuard>> {
-    let dir = cluster.workdir().join("stunnel");
-    fs::create_dir_all(&dir)?;
-    for side in ["client", "server"] {
-        let mut c = std::process::Command::new("openssl");
-        c.args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-        ])
-        .args([
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN=bench-{side}"),
-        ])
-        .arg("-keyout")
-        .arg(dir.join(format!("{side}.key")))
-        .arg("-out")
-        .arg(dir.join(format!("{side}.pem")));
-        mesh_tests::run_with_timeout(&mut c, Duration::from_secs(20))?
-            .check()
-            .context("openssl req")?;
+/// `--profile`: each test once on the mesh path under perf; writes bench/results/profile.md.
+fn profile_mesh_path(
+    cluster: &Cluster,
+    t: &Target,
+    helper: &Path,
+    agent_pids: &[u32],
+    opts: &Opts,
+) -> Result<()> {
+    let mut profiles = Vec::new();
+    for test in TESTS {
+        interrupt::check()?;
+        let data = cluster.workdir().join(format!("perf-{test:?}.data"));
+        let (figures, profile) =
+            profile::record(test.label(), &data, agent_pids, || run_test(test, t, helper, opts))?;
+        eprintln!("mesh-bench: profiled {} on the mesh path: {figures:?}", test.label());
+        profiles.push(profile);
     }
-    let d = dir.display();
-    let server_ip = server_pod.ipv4();
-    let client_conf = format!(
-        "foreground = quiet\npid =\ndebug = 4\noutput = {d}/client.log\n\
-         cert = {d}/client.pem\nkey = {d}/client.key\nCAfile = {d}/server.pem\nverify = 2\n\
-         client = yes\n\
-         [iperf]\naccept = 127.0.0.1:{TUN_IPERF_PORT}\nconnect = {server_ip}:{TUN_SRV_IPERF_PORT}\n\
-         [echo]\naccept = 127.0.0.1:{TUN_ECHO_PORT}\nconnect = {server_ip}:{TUN_SRV_ECHO_PORT}\n"
+    let intro = format!(
+        "Each test ran once on the mesh path (client on node-a → server on node-b through both \
+         agents) under `perf record -a -F 999`; the agents' share is taken from their pids ({}). \
+         The run's own figures are lower than `mesh-bench`'s because perf samples every CPU.",
+        agent_pids.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
     );
-    let server_conf = format!(
-        "foreground = quiet\npid =\ndebug = 4\noutput = {d}/server.log\n\
-         cert = {d}/server.pem\nkey = {d}/server.key\nCAfile = {d}/client.pem\nverify = 2\n\
-         [iperf]\naccept = 0.0.0.0:{TUN_SRV_IPERF_PORT}\nconnect = 127.0.0.1:{IPERF_PORT}\n\
-         [echo]\naccept = 0.0.0.0:{TUN_SRV_ECHO_PORT}\nconnect = 127.0.0.1:{ECHO_PORT}\n"
-    );
-    fs::write(dir.join("client.conf"), client_conf)?;
-    fs::write(dir.join("server.conf"), server_conf)?;
-    let mut srv = server_pod.spawn("stunnel4", [dir.join("server.conf")])?;
-    server_pod
-        .wait_for_port(&mut srv, TUN_SRV_ECHO_PORT)
-        .with_context(|| fs::read_to_string(dir.join("server.log")).unwrap_or_default())?;
-    let mut cli = client_pod.spawn("stunnel4", [dir.join("client.conf")])?;
-    client_pod
-        .wait_for_port(&mut cli, TUN_ECHO_PORT)
-        .with_context(|| fs::read_to_string(dir.join("client.log")).unwrap_or_default())?;
-    Ok(vec![cli, srv])
-}
-
-// ------------------------------------------------------------------ process usage
-
-fn read_pids(path: &Path) -> Vec<u32> {
-    fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect()
-}
-
-/// utime + stime of a process (all threads), clock ticks.
-fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // comm may contain spaces: fields after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // rest starts at field 3 (state); utime is field 14, stime field 15.
-    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-}
-
-fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
-/// CPU ticks of some processes at the start of a run; their peak RSS is reset then.
-struct Snapshot {
-    ticks: Vec<(u32, u64)>,
-}
-
-impl Snapshot {
-    fn take(pids: &[u32]) -> Self {
-        let ticks = pids
-            .iter()
-            .filter_map(|&pid| {
-                // "5" resets the peak RSS (VmHWM) to the current RSS (Linux >= 4.0).
-                let _ = fs::write(format!("/proc/{pid}/clear_refs"), "5");
-                Some((pid, cpu_ticks(pid)?))
-            })
-            .collect();
-        Snapshot { ticks }
-    }
-
-    fn usage(&self) -> Usage {
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-        let mut u = Usage::default();
-        for &(pid, t0) in &self.ticks {
-            if let Some(t1) = cpu_ticks(pid) {
-                u.cpu_s += t1.saturating_sub(t0) as f64 / hz;
-            }
-            if let Some(kib) = peak_rss_kib(pid) {
-                u.peak_rss_mib = u.peak_rss_mib.max(kib as f64 / 1024.0);
-            }
-        }
-        u
-    }
-}
-
-// ------------------------------------------------------------------ report
-
-fn median(v: &[f64]) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let n = s.len();
-    Some(if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    })
-}
-
-fn fmt_val(v: Option<f64>) -> String {
-    match v {
-        None => "error".into(),
-        Some(x) if x >= 100.0 => format!("{x:.0}"),
-        Some(x) if x >= 10.0 => format!("{x:.1}"),
-        Some(x) => format!("{x:.2}"),
-    }
-}
-
-fn ratio(a: Option<f64>, b: Option<f64>) -> String {
-    match (a, b) {
-        (Some(a), Some(b)) if b != 0.0 => format!("{:.2}×", a / b),
-        _ => "–".into(),
-    }
-}
-
-fn first_line(s: &str) -> String {
-    s.lines().next().unwrap_or("").trim().to_owned()
-}
-
-fn machine() -> (String, String, String) {
-    let nproc = thread::available_parallelism().map_or("?".into(), |n| n.to_string());
-    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| first_line(&s))
-        .unwrap_or_else(|_| "?".into());
-    let cpu = fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find_map(|l| l.strip_prefix("model name"))
-                .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
-        })
-        .unwrap_or_else(|| "?".into());
-    (nproc, kernel, cpu)
-}
-
-fn report(opts: &Opts, res: &Results, check: &str, elapsed: Duration) -> String {
-    let (nproc, kernel, cpu) = machine();
-    let date = std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-        .output()
-        .map(|o| first_line(&String::from_utf8_lossy(&o.stdout)))
-        .unwrap_or_default();
-    let mut s = String::new();
-    let _ = writeln!(s, "# mesh-bench results\n");
-    let _ = writeln!(
-        s,
-        "{date}; `mesh-bench{}`; {} repetitions, paths interleaved, median of the repetitions; \
-         run took {:.0} s.\n",
-        if opts.quick { " --quick" } else { "" },
-        opts.reps,
-        elapsed.as_secs_f64()
-    );
-    let _ = writeln!(
-        s,
-        "Machine: {nproc} CPUs (nproc), kernel {kernel}, CPU model: {cpu}. All nodes and pods \
-         are network namespaces of this one machine (veth + bridges), so the figures compare \
-         paths, not networks.\n"
-    );
-    let _ = writeln!(
-        s,
-        "Paths: **direct** = plain-client (node-a) → plain-server (node-b), both outside the \
-         mesh; **mesh** = client (node-a) → server (node-b), both enrolled, through both agents \
-         (mutual TLS, HBONE); **stunnel peer** = plain-client → stunnel4 client (same pod) → \
-         mutual TLS (TLS 1.3, P-256 self-signed certificates, `verify = 2`) → stunnel4 server in \
-         plain-server → the same servers. Tests: iperf3 {} s per run (`-P 1`, `-P 8`, \
-         `end.sum_received`); 1 KiB each way request/response, {} exchanges on one connection \
-         (TCP_NODELAY, Python client); {} sequential new connections with 1 byte each way \
-         (Python client).\n",
-        opts.iperf_secs, opts.rr_n, opts.cr_n
-    );
-
-    let m = |f: Figure, p: PathKind| median(res.figures.get(&(f, p)).map_or(&[][..], |v| v));
-    let _ = writeln!(
-        s,
-        "| figure | direct | mesh (cross-node) | stunnel peer | mesh same-node | mesh / direct | \
-         stunnel / direct | mesh / stunnel |"
-    );
-    let _ = writeln!(s, "|---|---:|---:|---:|---|---:|---:|---:|");
-    for f in FIGURES {
-        let (d, me, pe) = (
-            m(f, PathKind::Direct),
-            m(f, PathKind::Mesh),
-            m(f, PathKind::Peer),
-        );
-        let _ = writeln!(
-            s,
-            "| {} | {} | {} | {} | not yet available | {} | {} | {} |",
-            f.label(),
-            fmt_val(d),
-            fmt_val(me),
-            fmt_val(pe),
-            ratio(me, d),
-            ratio(pe, d),
-            ratio(me, pe)
-        );
-    }
-
-    let _ = writeln!(
-        s,
-        "\nRatios are the first path's figure divided by the second's: below 1× is less \
-         throughput or fewer connections/s, above 1× is more latency. For new connections, the \
-         mesh reuses the pooled HBONE connection between the agents (one HTTP/2 connection over \
-         mutual TLS per source identity and destination workload: no TLS handshake per \
-         connection) while stunnel makes one TLS handshake per connection; for the same reason \
-         the mesh's 8 iperf3 streams share one TLS connection, stunnel's use 8. On a small \
-         shared machine figures can vary between runs (see the raw values).\n"
-    );
-    let _ = writeln!(
-        s,
-        "Resources during each run (median over repetitions). Agents: CPU seconds of both \
-         nodes' `mesh-agent` processes (utime+stime from `/proc/<pid>/stat`, pids from the \
-         nodes' agent cgroup `cgroup.procs`), and the larger of the two agents' peak RSS \
-         (`VmHWM` of `/proc/<pid>/status`, reset through `clear_refs` before each run). \
-         Same for the two stunnel4 processes.\n"
-    );
-    let _ = writeln!(
-        s,
-        "| test | mesh: agents CPU s | mesh: agent peak RSS MiB | stunnel: CPU s | \
-         stunnel: peak RSS MiB | mesh agents CPU / stunnel CPU | direct: agents CPU s |"
-    );
-    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|");
-    let um = |map: &BTreeMap<(Test, PathKind), Vec<Usage>>, t: Test, p: PathKind| {
-        let v = map.get(&(t, p)).map_or(&[][..], |v| v);
-        (
-            median(&v.iter().map(|u| u.cpu_s).collect::<Vec<_>>()),
-            median(&v.iter().map(|u| u.peak_rss_mib).collect::<Vec<_>>()),
-        )
-    };
-    for t in TESTS {
-        let (mc, mr) = um(&res.agents, t, PathKind::Mesh);
-        let (sc, sr) = um(&res.stunnel, t, PathKind::Peer);
-        let (dc, _) = um(&res.agents, t, PathKind::Direct);
-        let _ = writeln!(
-            s,
-            "| {} | {} | {} | {} | {} | {} | {} |",
-            t.label(),
-            fmt_val(mc),
-            fmt_val(mr),
-            fmt_val(sc),
-            fmt_val(sr),
-            ratio(mc, sc),
-            fmt_val(dc)
-        );
-    }
-
-    let _ = writeln!(s, "\nRaw values per repetition:\n");
-    for f in FIGURES {
-        for p in PATHS {
-            let v = res.figures.get(&(f, p)).cloned().unwrap_or_default();
-            let _ = writeln!(
-                s,
-                "- {} / {}: {}",
-                f.label(),
-                p.label(),
-                v.iter()
-                    .map(|x| format!("{x:.2}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-        }
-    }
-    let _ = writeln!(s, "\nMesh path check: {check}.");
-    if !res.errors.is_empty() {
-        let _ = writeln!(s, "\nErrors:\n");
-        for e in &res.errors {
-            let _ = writeln!(s, "- {}", first_line(e));
-        }
-    }
-    let _ = writeln!(
-        s,
-        "\nNot measured yet: same-node mesh path (kernel short-circuit not available), PNG chart, \
-         eBPF program run-time statistics, 10k idle connections, profiles."
-    );
-    s
+    let text = profile::report(&profiles, &intro);
+    let file = workspace_root().join("bench/results/profile.md");
+    fs::write(&file, &text).with_context(|| format!("write {}", file.display()))?;
+    println!("{text}");
+    eprintln!("mesh-bench: written to {}", file.display());
+    Ok(())
 }
