@@ -721,10 +721,14 @@ fn hbone_connect(
     runtime.block_on(async {
         let hbone = HboneClient::new(store, bundle, Duration::from_secs(5));
         let expected: SpiffeId = WEB_ID.parse()?;
-        Ok(hbone
-            .open(&client, &netns, via, &[expected], authority)
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string()))
+        Ok(
+            match hbone
+                .open(&client, &netns, via, &[expected], authority)
+                .await
+            {
+                Ok(mut stream) => stream.reader.accepted().await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            },
+        )
     })
 }

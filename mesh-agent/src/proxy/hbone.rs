@@ -3,26 +3,29 @@
 //!
 //! One TLS connection per (source identity, destination) carries many streams; a connection
 //! with no stream for `idle_timeout` is closed.
+//!
+//! A stream is usable as soon as `CONNECT` is sent: the caller's first bytes travel with it
+//! instead of a round trip later, and the far agent delivers them only once it has accepted
+//! the stream (see [`super::tunnel`]).
 
 use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
 
 use bytes::Bytes;
-use http::{Request, StatusCode, Version};
-use http_body_util::Empty;
-use hyper::{client::conn::http2, upgrade::Upgraded};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use h2::client::SendRequest;
+use http::{Method, Request, StatusCode};
 use rustls_pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info};
 
+use super::tunnel::{self, TunnelReader, TunnelWriter};
 use crate::{
     identity::{self, IdentityStore, SpiffeId, TrustBundle},
     netns::NetNs,
@@ -51,14 +54,16 @@ struct PoolKey {
 }
 
 struct PooledConnection {
-    sender: http2::SendRequest<Empty<Bytes>>,
+    sender: SendRequest<Bytes>,
     peer: SpiffeId,
     usage: Arc<Usage>,
 }
 
-struct Usage {
+pub struct Usage {
     open_streams: AtomicUsize,
     last_used: Mutex<Instant>,
+    /// The connection has ended: the next stream needs a new one.
+    closed: AtomicBool,
 }
 
 impl Usage {
@@ -66,20 +71,21 @@ impl Usage {
         Arc::new(Self {
             open_streams: AtomicUsize::new(0),
             last_used: Mutex::new(Instant::now()),
+            closed: AtomicBool::new(false),
         })
     }
 }
 
 /// A tunnel to the destination through the far agent.
 pub struct HboneStream {
-    pub io: TokioIo<Upgraded>,
+    pub reader: TunnelReader<StreamUsage>,
+    pub writer: TunnelWriter,
     /// The far agent's identity, as verified by the secure naming check.
     pub peer: SpiffeId,
-    _usage: StreamUsage,
 }
 
 /// Counts a stream as open on its pooled connection until dropped.
-struct StreamUsage(Arc<Usage>);
+pub struct StreamUsage(Arc<Usage>);
 
 #[derive(Debug, thiserror::Error)]
 pub enum HboneError {
@@ -98,7 +104,7 @@ pub enum HboneError {
     #[error("HTTP/2 with {dst}: {source}")]
     Http2 {
         dst: SocketAddr,
-        source: hyper::Error,
+        source: h2::Error,
     },
     #[error("{dst} refused CONNECT {authority}: {status}")]
     Refused {
@@ -140,30 +146,25 @@ impl HboneClient {
             source: source.clone(),
             dst,
         };
-        let (mut sender, peer, usage) = self.pooled_sender(&key, netns, expected).await?;
-        let request = Request::connect(authority.to_string())
-            .version(Version::HTTP_2)
-            .body(Empty::new())
+        let (sender, peer, usage) = self.pooled_sender(&key, netns, expected).await?;
+        let request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(authority.to_string())
+            .body(())
             .map_err(|err| HboneError::Identity(format!("building CONNECT request: {err}")))?;
         let stream_usage = StreamUsage::open(usage);
-        let response = sender
-            .send_request(request)
+        // Waits while the connection is at its limit of concurrent streams.
+        let mut sender = sender
+            .ready()
             .await
             .map_err(|source| HboneError::Http2 { dst, source })?;
-        if response.status() != StatusCode::OK {
-            return Err(HboneError::Refused {
-                dst,
-                authority,
-                status: response.status(),
-            });
-        }
-        let upgraded = hyper::upgrade::on(response)
-            .await
+        let (response, send) = sender
+            .send_request(request, false)
             .map_err(|source| HboneError::Http2 { dst, source })?;
         Ok(HboneStream {
-            io: TokioIo::new(upgraded),
+            reader: TunnelReader::awaiting(response, stream_usage),
+            writer: TunnelWriter::new(send),
             peer,
-            _usage: stream_usage,
         })
     }
 
@@ -172,13 +173,13 @@ impl HboneClient {
         key: &PoolKey,
         netns: &NetNs,
         expected: &[SpiffeId],
-    ) -> Result<(http2::SendRequest<Empty<Bytes>>, SpiffeId, Arc<Usage>), HboneError> {
+    ) -> Result<(SendRequest<Bytes>, SpiffeId, Arc<Usage>), HboneError> {
         let slot = {
             let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
             pool.entry(key.clone()).or_default().clone()
         };
         let mut slot = slot.lock().await;
-        if let Some(conn) = slot.as_ref().filter(|c| !c.sender.is_closed()) {
+        if let Some(conn) = slot.as_ref().filter(|c| !c.usage.closed.load(Ordering::Acquire)) {
             return Ok((conn.sender.clone(), conn.peer.clone(), conn.usage.clone()));
         }
         let conn = self.establish(key, netns, expected).await?;
@@ -218,8 +219,11 @@ impl HboneClient {
         let peer = identity::peer_identity(tls.get_ref().1)
             .map_err(|err| HboneError::Identity(err.to_string()))?;
 
-        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-            .handshake(TokioIo::new(tls))
+        let (sender, connection) = h2::client::Builder::new()
+            .initial_window_size(tunnel::STREAM_WINDOW)
+            .initial_connection_window_size(tunnel::CONNECTION_WINDOW)
+            .max_frame_size(tunnel::MAX_FRAME_SIZE)
+            .handshake::<_, Bytes>(tls)
             .await
             .map_err(|source| HboneError::Http2 { dst, source })?;
         info!(
@@ -228,22 +232,24 @@ impl HboneClient {
             peer_identity = %peer,
             "hbone connection established"
         );
-        let (source, closed_peer) = (key.source.clone(), peer.clone());
+        let usage = Usage::new();
+        let (source, closed_peer, closed) = (key.source.clone(), peer.clone(), usage.clone());
         tokio::spawn(async move {
             if let Err(err) = connection.await {
                 debug!(error = %err, "hbone connection ended with an error");
             }
+            closed.closed.store(true, Ordering::Release);
             info!(src_identity = %source, dst = %dst, peer_identity = %closed_peer, "hbone connection closed");
         });
         Ok(PooledConnection {
             sender,
             peer,
-            usage: Usage::new(),
+            usage,
         })
     }
 
-    /// Drops pooled connections without streams for `idle_timeout`; hyper closes a connection
-    /// once its last sender is gone.
+    /// Drops pooled connections without streams for `idle_timeout`; HTTP/2 closes a connection
+    /// once its last sender and stream are gone.
     fn drop_idle(&self) {
         let pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
         for slot in pool.values() {

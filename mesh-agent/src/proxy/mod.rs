@@ -2,13 +2,16 @@
 //!
 //! - [`outbound`]: connections captured from a local workload;
 //! - [`hbone`]: the mutual-TLS tunnel to the agent of a workload on another node;
-//! - [`inbound`]: that tunnel's far end, delivering to the local workload.
+//! - [`inbound`]: that tunnel's far end, delivering to the local workload;
+//! - [`tunnel`]: one HBONE stream, as the relay reads and writes it;
+//! - `relay`: moving the bytes between the two legs of a connection.
 
 pub mod hbone;
 pub mod inbound;
 pub mod outbound;
 mod relay;
 pub mod telemetry;
+pub mod tunnel;
 
 pub use relay::Transferred;
 

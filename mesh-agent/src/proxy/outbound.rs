@@ -20,7 +20,8 @@ use tracing::{info, warn};
 
 use super::{
     hbone::{HBONE_PORT, HboneClient, HboneError},
-    relay::{Transferred, relay},
+    relay::{Transferred, relay, tcp_halves},
+    tunnel::Refused,
     telemetry::{self, Party},
 };
 use crate::{
@@ -188,12 +189,12 @@ async fn forward_direct(
         .netns
         .tcp_socket_for(&dst)
         .map_err(|source| OutboundError::Connect { dst, source })?;
-    let upstream = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst))
+    let mut upstream = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst))
         .await
         .map_err(|_| OutboundError::ConnectTimeout { dst })?
         .map_err(|source| OutboundError::Connect { dst, source })?;
     let _ = upstream.set_nodelay(true);
-    let (transferred, result) = relay(conn, upstream).await;
+    let (transferred, result) = relay(tcp_halves(conn), tcp_halves(&mut upstream)).await;
     log.transferred = transferred;
     result.map_err(OutboundError::Relay)
 }
@@ -219,9 +220,16 @@ async fn forward_hbone(
         .await?;
     log.security = Security::MutualTls;
     log.peer_identity = Some(stream.peer.clone());
-    let (transferred, result) = relay(conn, stream.io).await;
+    let (transferred, result) = relay(tcp_halves(conn), (stream.reader, stream.writer)).await;
     log.transferred = transferred;
-    result.map_err(OutboundError::Relay)
+    result.map_err(|err| match Refused::status_of(&err) {
+        Some(status) => OutboundError::Hbone(HboneError::Refused {
+            dst: via,
+            authority: dst,
+            status,
+        }),
+        None => OutboundError::Relay(err),
+    })
 }
 
 /// Istio's TCP metrics for the connection, reported by the source side.

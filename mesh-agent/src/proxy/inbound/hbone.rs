@@ -3,20 +3,22 @@
 //!
 //! The caller's identity is the SPIFFE ID of its verified client certificate, and nothing else.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
+use h2::{RecvStream, server::SendResponse};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Empty;
-use hyper::{body::Incoming, server::conn::http2, service::service_fn};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
 use tracing::{info, warn};
 
 use super::{Caller, Target, connect_to_workload, deliver, log_denied};
 use crate::{
     identity::{self, SpiffeId},
     policy::Decision,
+    proxy::{
+        tunnel::{self, TunnelReader, TunnelWriter},
+    },
 };
 
 /// A peer that does not finish its handshake in this time is dropped.
@@ -84,22 +86,43 @@ pub(super) async fn serve_connection(tcp: TcpStream, peer_addr: SocketAddr, targ
         identity: Some(identity.clone()),
         addr: peer_addr,
     };
-    let service = {
-        let target = target.clone();
-        service_fn(move |request| handle_request(request, caller.clone(), target.clone()))
-    };
-    let connection =
-        http2::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(tls), service);
-    tokio::pin!(connection);
-    let served = tokio::select! {
-        served = connection.as_mut() => served,
-        _ = target.context.shutdown.cancelled() => {
-            connection.as_mut().graceful_shutdown();
-            connection.await
-        }
-    };
-    if let Err(err) = served {
+    if let Err(err) = serve_streams(tls, caller, &target).await {
         warn!(workload = %target.name, peer_identity = %identity, reason = %err, "inbound HTTP/2 connection failed");
+    }
+}
+
+/// Accepts the connection's `CONNECT` streams, each handled on a task of its own, until the
+/// peer closes; when the agent stops, says GOAWAY and lets open streams finish.
+async fn serve_streams(
+    tls: TlsStream<TcpStream>,
+    caller: Caller,
+    target: &Arc<Target>,
+) -> Result<(), h2::Error> {
+    let mut connection = h2::server::Builder::new()
+        .initial_window_size(tunnel::STREAM_WINDOW)
+        .initial_connection_window_size(tunnel::CONNECTION_WINDOW)
+        .max_frame_size(tunnel::MAX_FRAME_SIZE)
+        .max_concurrent_streams(tunnel::MAX_CONCURRENT_STREAMS)
+        .handshake::<_, Bytes>(tls)
+        .await?;
+    let shutdown = target.context.shutdown.clone();
+    let mut draining = false;
+    loop {
+        let accepted = tokio::select! {
+            accepted = connection.accept() => accepted,
+            _ = shutdown.cancelled(), if !draining => {
+                connection.graceful_shutdown();
+                draining = true;
+                continue;
+            }
+        };
+        match accepted {
+            None => return Ok(()),
+            Some(Err(err)) => return Err(err),
+            Some(Ok((request, respond))) => {
+                tokio::spawn(handle_stream(request, respond, caller.clone(), target.clone()));
+            }
+        }
     }
 }
 
@@ -134,11 +157,14 @@ async fn expect_tls(tcp: &TcpStream) -> Result<(), Rejection> {
     }
 }
 
-async fn handle_request(
-    request: Request<Incoming>,
+/// Checks, authorizes and connects one stream; data the caller sent with its `CONNECT` waits in
+/// the stream's window until then, and is dropped with the stream if it is refused.
+async fn handle_stream(
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
     caller: Caller,
     target: Arc<Target>,
-) -> Result<Response<Empty<Bytes>>, Infallible> {
+) {
     let dst = match requested_destination(&request, &target) {
         Ok(dst) => dst,
         Err(rejection) => {
@@ -150,36 +176,41 @@ async fn handle_request(
                 reason = %rejection,
                 "inbound stream rejected"
             );
-            return Ok(status(StatusCode::BAD_REQUEST));
+            return refuse(&mut respond, StatusCode::BAD_REQUEST);
         }
     };
     if let Decision::Deny { by } = target.authorize(&caller, dst) {
         log_denied(&target, &caller, dst, &by.to_string());
-        return Ok(status(StatusCode::FORBIDDEN));
+        return refuse(&mut respond, StatusCode::FORBIDDEN);
     }
     let upstream = match connect_to_workload(&target.netns, dst).await {
         Ok(upstream) => upstream,
         Err(err) => {
             warn!(workload = %target.name, peer_identity = %caller.identity_text(), dst = %dst, error = %err, "inbound delivery failed");
-            return Ok(status(StatusCode::SERVICE_UNAVAILABLE));
+            return refuse(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
         }
     };
-    tokio::spawn(async move {
-        match hyper::upgrade::on(request).await {
-            Ok(upgraded) => {
-                let mut tunnel = TokioIo::new(upgraded);
-                deliver(&mut tunnel, upstream, caller, dst, &target).await;
-            }
-            Err(err) => {
-                warn!(workload = %target.name, peer_identity = %caller.identity_text(), dst = %dst, error = %err, "inbound stream upgrade failed");
-            }
+    let send = match respond.send_response(status(StatusCode::OK), false) {
+        Ok(send) => send,
+        Err(err) => {
+            warn!(workload = %target.name, peer_identity = %caller.identity_text(), dst = %dst, error = %err, "inbound stream ended before it was accepted");
+            return;
         }
-    });
-    Ok(status(StatusCode::OK))
+    };
+    let tunnel = (
+        TunnelReader::open(request.into_body()),
+        TunnelWriter::new(send),
+    );
+    deliver(tunnel, upstream, caller, dst, &target).await;
+}
+
+/// Answers with `code` and ends the stream; what the caller sent with its `CONNECT` is dropped.
+fn refuse(respond: &mut SendResponse<Bytes>, code: StatusCode) {
+    let _ = respond.send_response(status(code), true);
 }
 
 fn requested_destination(
-    request: &Request<Incoming>,
+    request: &Request<RecvStream>,
     target: &Target,
 ) -> Result<SocketAddr, Rejection> {
     if request.method() != Method::CONNECT {
@@ -199,8 +230,8 @@ fn requested_destination(
     Ok(dst)
 }
 
-fn status(code: StatusCode) -> Response<Empty<Bytes>> {
-    let mut response = Response::new(Empty::new());
+fn status(code: StatusCode) -> Response<()> {
+    let mut response = Response::new(());
     *response.status_mut() = code;
     response
 }

@@ -26,7 +26,6 @@ use std::{
 use anyhow::Context as _;
 use mesh_ebpf_common::INBOUND_PLAINTEXT_PORT;
 use tokio::{
-    io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream},
     sync::watch,
 };
@@ -36,7 +35,7 @@ use tracing::{info, warn};
 
 use super::{
     hbone::HBONE_PORT,
-    relay::relay,
+    relay::{ChunkRead, ChunkWrite, relay, tcp_halves},
     telemetry::{self, Party},
 };
 use crate::{
@@ -306,16 +305,13 @@ async fn connect_to_workload(netns: &NetNs, dst: SocketAddr) -> std::io::Result<
 /// Relays an admitted connection to the workload until either side is done or the policy
 /// revokes it, then logs it. Returns whether it ended in failure, so that the caller resets its
 /// side.
-async fn deliver<S>(
-    caller_stream: &mut S,
+async fn deliver<R: ChunkRead, W: ChunkWrite>(
+    caller_side: (R, W),
     mut upstream: TcpStream,
     caller: Caller,
     dst: SocketAddr,
     target: &Target,
-) -> bool
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+) -> bool {
     let started = Instant::now();
     let mut labels = target.labels_for(&caller);
     target.context.metrics.connection_opened(&labels);
@@ -335,7 +331,7 @@ where
             },
         );
     let outcome = tokio::select! {
-        (transferred, result) = relay(caller_stream, &mut upstream) => {
+        (transferred, result) = relay(caller_side, tcp_halves(&mut upstream)) => {
             let flags = if result.is_ok() { ResponseFlags::None } else { ResponseFlags::UpstreamTermination };
             (transferred, result.err().map(|e| e.to_string()), flags)
         }

@@ -9,6 +9,7 @@ use tokio::net::TcpStream;
 use tracing::warn;
 
 use super::{Caller, Target, connect_to_workload, deliver, log_denied};
+use crate::proxy::relay::tcp_halves;
 use crate::policy::{Decision, MtlsMode};
 
 const CLIENT_FIRST_BYTES_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
@@ -60,7 +61,7 @@ pub(super) async fn serve_connection(
             return;
         }
     };
-    if deliver(&mut tcp, upstream, caller, dst, &target).await {
+    if deliver(tcp_halves(&mut tcp), upstream, caller, dst, &target).await {
         reset(tcp);
     }
 }
