@@ -106,6 +106,22 @@ impl Pod {
         Ok(ChildGuard { child, name })
     }
 
+    /// Like [`Pod::spawn`], with stdin and stdout piped (take them through
+    /// [`ChildGuard::child_mut`]), for a program the caller drives and stops by closing its
+    /// stdin.
+    pub fn spawn_piped<I, S>(&self, program: impl AsRef<OsStr>, args: I) -> Result<ChildGuard>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let program = program.as_ref();
+        let mut cmd = self.command(program, args)?;
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
+        let name = format!("{} in pod {}", program.to_string_lossy(), self.name);
+        let child = cmd.spawn().with_context(|| format!("spawn {name}"))?;
+        Ok(ChildGuard { child, name })
+    }
+
     /// Runs `program` in the pod to completion and captures its output. Fails
     /// only if it cannot be started or outlives `timeout` (it is then killed);
     /// a non-zero exit is reported in the returned [`RunOutput`].

@@ -11,7 +11,8 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
-/// Debian packages used by the tests, the demo and the benchmarks (prometheus: promtool).
+/// Debian packages used by the tests, the demo and the benchmarks (prometheus: promtool;
+/// fonts-dejavu-core: the font of mesh-bench's PNG chart).
 const DEB_PACKAGES: &[&str] = &[
     "iproute2",
     "curl",
@@ -25,6 +26,7 @@ const DEB_PACKAGES: &[&str] = &[
     "bpftool",
     "procps",
     "prometheus",
+    "fonts-dejavu-core",
 ];
 /// Later versions need a system LLVM that Debian 12 lacks (see shared/ebpf-notes.md).
 const BPF_LINKER_VERSION: &str = "0.10.4";

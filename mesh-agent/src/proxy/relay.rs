@@ -106,7 +106,11 @@ impl ChunkRead for TcpReader<'_> {
                 self.buf.reserve(READ_SIZE);
             }
             match self.half.try_read_buf(&mut self.buf) {
-                Ok(0) => return Ok(None),
+                Ok(0) => {
+                    // The other direction may go on for long: hold no buffer meanwhile.
+                    self.buf = BytesMut::new();
+                    return Ok(None);
+                }
                 Ok(_) => return Ok(Some(self.buf.split().freeze())),
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
                     // Nothing to read: let an idle connection hold no buffer.

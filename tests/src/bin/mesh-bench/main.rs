@@ -16,8 +16,11 @@
 //! Figures: iperf3 bulk throughput with 1 and 8 streams, 1 KiB request/response latency
 //! p50/p99 on one persistent connection, new connections per second (1 byte each way), and the
 //! CPU seconds and peak RSS of the agents (and of the stunnel processes) during each run. Each
-//! figure is the median over the repetitions; paths are interleaved. The markdown report is
-//! printed and written to `bench/results/latest.md`.
+//! figure is the median over the repetitions; paths are interleaved. Once per run: the eBPF
+//! programs' cost per captured connection (kernel BPF statistics around the mesh path's
+//! new-connections runs, [`bpf_stats`]) and the agents' RSS idle and with 10,000 idle
+//! connections held through the mesh ([`idle`]). The markdown report is printed and written to
+//! `bench/results/latest.md`.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -30,12 +33,15 @@ use anyhow::{Context, Result, anyhow, bail};
 use mesh_tests::{ChildGuard, Cluster, NodeSpec, Pod, PodSpec, interrupt};
 use serde_json::Value;
 
+mod bpf_stats;
+mod chart;
+mod idle;
 mod profile;
 mod report;
 mod stunnel;
 mod usage;
 
-use report::report;
+use report::{mib, report};
 use stunnel::start_stunnel;
 use usage::{Snapshot, Usage, read_pids};
 
@@ -56,6 +62,8 @@ struct Opts {
     quick: bool,
     /// Profile each test once on the mesh path instead of measuring.
     profile: bool,
+    /// Where the report and the chart go.
+    out: PathBuf,
     reps: usize,
     iperf_secs: u32,
     rr_n: usize,
@@ -67,22 +75,25 @@ impl Opts {
         let mut quick = false;
         let mut profile = false;
         let mut reps = None;
+        let mut out = workspace_root().join("bench/results");
         for a in std::env::args().skip(1) {
             match a.as_str() {
                 "--quick" => quick = true,
                 "--profile" => profile = true,
                 s if s.starts_with("--reps=") => reps = Some(s[7..].parse()?),
+                s if s.starts_with("--out=") => out = PathBuf::from(&s[6..]),
                 "-h" | "--help" => {
-                    println!("usage: mesh-bench [--quick] [--profile] [--reps=N]");
+                    println!("usage: mesh-bench [--quick] [--profile] [--reps=N] [--out=DIR]");
                     std::process::exit(0);
                 }
-                other => bail!("unknown argument {other} (usage: mesh-bench [--quick] [--profile] [--reps=N])"),
+                other => bail!("unknown argument {other} (usage: mesh-bench [--quick] [--profile] [--reps=N] [--out=DIR])"),
             }
         }
         Ok(if quick {
             Opts {
                 quick,
                 profile,
+                out,
                 reps: reps.unwrap_or(3),
                 iperf_secs: 2,
                 rr_n: 5000,
@@ -92,6 +103,7 @@ impl Opts {
             Opts {
                 quick,
                 profile,
+                out,
                 reps: reps.unwrap_or(5),
                 iperf_secs: 10,
                 rr_n: 20000,
@@ -180,6 +192,10 @@ struct Results {
     figures: BTreeMap<(Figure, PathKind), Vec<f64>>,
     agents: BTreeMap<(Test, PathKind), Vec<Usage>>,
     stunnel: BTreeMap<(Test, PathKind), Vec<Usage>>,
+    /// eBPF cost over the mesh path's new-connections runs.
+    bpf: Option<bpf_stats::BpfCost>,
+    /// Agent memory with many idle connections open.
+    idle: Option<idle::IdleConnections>,
     errors: Vec<String>,
 }
 
@@ -215,6 +231,11 @@ fn run(opts: &Opts) -> Result<()> {
     interrupt::check()?;
     cluster.start_agents()?;
     eprintln!("mesh-bench: cluster {} up, agents ready", cluster.id());
+    // Before any traffic: what an agent needs with nothing to do.
+    let agents_at_start = idle::agent_footprints(&cluster).unwrap_or_else(|e| {
+        eprintln!("mesh-bench: agents' memory at start: {e:#}");
+        BTreeMap::new()
+    });
 
     let client = cluster.pod("node-a", "client")?;
     let plain_client = cluster.pod("node-a", "plain-client")?;
@@ -298,6 +319,12 @@ fn run(opts: &Opts) -> Result<()> {
     }
 
     let mut res = Results::default();
+    let pin_dirs = cluster
+        .nodes()
+        .iter()
+        .map(|n| n.pin_dir().to_path_buf())
+        .collect();
+    let mut bpf = bpf_stats::Recorder::new(pin_dirs);
     for rep in 0..opts.reps {
         for test in TESTS {
             // Rotate the path order between repetitions.
@@ -308,7 +335,11 @@ fn run(opts: &Opts) -> Result<()> {
                 let apids = agent_pids();
                 let before_a = Snapshot::take(&apids);
                 let before_s = Snapshot::take(&stunnel_pids);
-                let out = run_test(test, &t, &helper, opts);
+                let out = if (test, path) == (Test::ConnRate, PathKind::Mesh) {
+                    bpf.measure(opts.cr_n as u64, || run_test(test, &t, &helper, opts))
+                } else {
+                    run_test(test, &t, &helper, opts)
+                };
                 let ua = before_a.usage();
                 let us = before_s.usage();
                 match out {
@@ -377,17 +408,38 @@ fn run(opts: &Opts) -> Result<()> {
             "mesh path not seen as mutual TLS by the agent: {check}"
         ));
     }
+    record_bpf_cost(bpf, &mut res);
+
+    interrupt::check()?;
+    measure_idle_connections(
+        &cluster,
+        client,
+        server,
+        &helper,
+        &agents_at_start,
+        &mut res,
+    );
+    let mesh = target(PathKind::Mesh);
+    if let Err(e) = idle::check_agents_healthy(&cluster, || conn_rate(&mesh, &helper, 5)) {
+        res.errors.push(format!(
+            "agents after the {} idle connections: {e:#}",
+            idle::IDLE_CONNECTIONS
+        ));
+    }
 
     drop(stunnels);
     drop(guards);
     let elapsed = started.elapsed();
     let report = report(opts, &res, &check, elapsed);
     println!("{report}");
-    let dir = workspace_root().join("bench/results");
-    fs::create_dir_all(&dir)?;
-    let file = dir.join("latest.md");
+    fs::create_dir_all(&opts.out).with_context(|| format!("create {}", opts.out.display()))?;
+    let file = opts.out.join("latest.md");
     fs::write(&file, &report).with_context(|| format!("write {}", file.display()))?;
     eprintln!("mesh-bench: written to {}", file.display());
+    let png = opts.out.join("latest.png");
+    chart::draw(&png, &chart_title(opts), &chart_rows(&res))
+        .with_context(|| format!("draw {}", png.display()))?;
+    eprintln!("mesh-bench: chart written to {}", png.display());
     // `cluster` is dropped (torn down) here; the signal thread only holds a Weak.
     interrupt::forget();
     drop(cluster);
@@ -395,6 +447,85 @@ fn run(opts: &Opts) -> Result<()> {
         bail!("no measurement succeeded");
     }
     Ok(())
+}
+
+/// Keeps the eBPF cost, or why it is missing, and checks every connection was captured.
+fn record_bpf_cost(bpf: bpf_stats::Recorder, res: &mut Results) {
+    match bpf.finish() {
+        Ok(cost) => {
+            if let Err(e) = cost.check_capture() {
+                res.errors.push(format!("eBPF statistics: {e:#}"));
+            }
+            eprintln!(
+                "mesh-bench: eBPF: {:.0} ns per captured connection over {} connections ({})",
+                cost.ns_per_connection().unwrap_or(f64::NAN),
+                cost.connections,
+                bpf_stats::MESH_PROGRAMS
+                    .iter()
+                    .map(|n| format!("{n} {} calls", cost.delta.get(n).run_cnt))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            res.bpf = Some(cost);
+        }
+        Err(e) => res.errors.push(format!("{e:#}")),
+    }
+}
+
+/// Holds [`idle::IDLE_CONNECTIONS`] connections client -> server and keeps the agents' memory.
+fn measure_idle_connections(
+    cluster: &Cluster,
+    client: &Pod,
+    server: &Pod,
+    helper: &Path,
+    agents_at_start: &BTreeMap<String, idle::AgentFootprint>,
+    res: &mut Results,
+) {
+    let n = idle::IDLE_CONNECTIONS;
+    match idle::measure(cluster, client, server, helper, n, agents_at_start) {
+        Ok(m) => {
+            for a in &m.agents {
+                eprintln!(
+                    "mesh-bench: {n} idle connections: {} agent RSS {:.1} -> {:.1} MiB \
+                     ({:.1} KiB per connection, {} -> {} fds), {:.1} MiB after closing",
+                    a.node,
+                    mib(a.idle.rss_kib),
+                    mib(a.held.rss_kib),
+                    a.per_connection_kib(n),
+                    a.idle.fds,
+                    a.held.fds,
+                    mib(a.closed.rss_kib)
+                );
+            }
+            eprintln!("mesh-bench: opening them took {:.1} s", m.open_s);
+            res.idle = Some(m);
+        }
+        Err(e) => res.errors.push(format!("{n} idle connections: {e:#}")),
+    }
+}
+
+fn chart_title(opts: &Opts) -> String {
+    format!(
+        "mesh-bench{}: medians of {} repetitions, ratio to direct TCP",
+        if opts.quick { " --quick" } else { "" },
+        opts.reps
+    )
+}
+
+/// One row per figure: direct first (the baseline), then the other paths.
+fn chart_rows(res: &Results) -> Vec<chart::ChartRow> {
+    FIGURES
+        .iter()
+        .map(|&f| chart::ChartRow {
+            figure: f.label().to_owned(),
+            lower_is_better: matches!(f, Figure::RrP50Us | Figure::RrP99Us),
+            values: PATHS
+                .iter()
+                .map(|&p| (p.label().to_owned(), res.median(f, p)))
+                .chain(std::iter::once(("mesh same-node".to_owned(), None)))
+                .collect(),
+        })
+        .collect()
 }
 
 fn short(f: Figure) -> &'static str {
@@ -516,7 +647,8 @@ fn profile_mesh_path(
         agent_pids.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
     );
     let text = profile::report(&profiles, &intro);
-    let file = workspace_root().join("bench/results/profile.md");
+    fs::create_dir_all(&opts.out).with_context(|| format!("create {}", opts.out.display()))?;
+    let file = opts.out.join("profile.md");
     fs::write(&file, &text).with_context(|| format!("write {}", file.display()))?;
     println!("{text}");
     eprintln!("mesh-bench: written to {}", file.display());

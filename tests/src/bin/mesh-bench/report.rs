@@ -6,8 +6,21 @@ use std::fs;
 use std::thread;
 use std::time::Duration;
 
+use crate::bpf_stats::{BpfCost, MESH_PROGRAMS};
+use crate::idle::{IdleConnections, SETTLE};
 use crate::usage::Usage;
 use crate::{FIGURES, Figure, Opts, PATHS, PathKind, Results, TESTS, Test};
+
+/// Targets of the benchmark issue, MiB.
+const IDLE_RSS_TARGET_MIB: f64 = 20.0;
+const HELD_RSS_TARGET_MIB: f64 = 150.0;
+
+impl Results {
+    /// The median of a figure over the repetitions, if any succeeded.
+    pub fn median(&self, f: Figure, p: PathKind) -> Option<f64> {
+        median(self.figures.get(&(f, p)).map_or(&[][..], |v| v))
+    }
+}
 
 pub fn median(v: &[f64]) -> Option<f64> {
     if v.is_empty() {
@@ -95,7 +108,7 @@ pub fn report(opts: &Opts, res: &Results, check: &str, elapsed: Duration) -> Str
         opts.iperf_secs, opts.rr_n, opts.cr_n
     );
 
-    let m = |f: Figure, p: PathKind| median(res.figures.get(&(f, p)).map_or(&[][..], |v| v));
+    let m = |f: Figure, p: PathKind| res.median(f, p);
     let _ = writeln!(
         s,
         "| figure | direct | mesh (cross-node) | stunnel peer | mesh same-node | mesh / direct | \
@@ -169,6 +182,9 @@ pub fn report(opts: &Opts, res: &Results, check: &str, elapsed: Duration) -> Str
         );
     }
 
+    write_bpf_cost(&mut s, res.bpf.as_ref());
+    write_idle_connections(&mut s, res.idle.as_ref());
+
     let _ = writeln!(s, "\nRaw values per repetition:\n");
     for f in FIGURES {
         for p in PATHS {
@@ -194,8 +210,129 @@ pub fn report(opts: &Opts, res: &Results, check: &str, elapsed: Duration) -> Str
     }
     let _ = writeln!(
         s,
-        "\nNot measured yet: same-node mesh path (kernel short-circuit not available), PNG chart, \
-         eBPF program run-time statistics, 10k idle connections, profiles."
+        "\nThe chart of these figures is `latest.png` beside this file; where the agents' time goes is \
+         in `profile.md` (`mesh-bench --profile`). Not measured yet: the same-node mesh path (the \
+         kernel short-circuit is not available yet)."
     );
     s
+}
+
+pub fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+fn write_bpf_cost(s: &mut String, cost: Option<&BpfCost>) {
+    let _ = writeln!(s, "\n## eBPF cost per captured connection\n");
+    let Some(c) = cost else {
+        let _ = writeln!(s, "Not measured in this run (see Errors).");
+        return;
+    };
+    let _ = writeln!(
+        s,
+        "Kernel BPF run-time statistics (`kernel.bpf_stats_enabled` = 1 only during the mesh \
+         path's new-connections runs, restored afterwards): `run_cnt` and `run_time_ns` of {} \
+         ({} programs, both nodes' copies added up per name) from `bpftool prog show --json`, \
+         read before and after each of those runs; {} connections made in them (all \
+         repetitions). The time includes the kernel's own clock reads for the statistics.\n",
+        c.scope.describe(),
+        c.programs,
+        c.connections
+    );
+    let _ = writeln!(
+        s,
+        "| program | calls | calls per connection | mean ns per call |"
+    );
+    let _ = writeln!(s, "|---|---:|---:|---:|");
+    let per_conn = |calls: u64| calls as f64 / c.connections.max(1) as f64;
+    for name in MESH_PROGRAMS {
+        let p = c.delta.get(name);
+        let _ = writeln!(
+            s,
+            "| {name} | {} | {:.2} | {} |",
+            p.run_cnt,
+            per_conn(p.run_cnt),
+            p.mean_ns().map_or("–".into(), |v| format!("{v:.0}"))
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\n**eBPF ns per captured connection: {}** (time of all four programs / {} \
+         connections; connect4 ran {} times for them{}).",
+        c.ns_per_connection()
+            .map_or("–".into(), |v| format!("{v:.0} ns")),
+        c.connections,
+        c.delta.get(crate::bpf_stats::CONNECT4).run_cnt,
+        if c.check_capture().is_ok() {
+            ", at least once per connection as expected"
+        } else {
+            ", FEWER than the connections: see Errors"
+        }
+    );
+}
+
+fn write_idle_connections(s: &mut String, idle: Option<&IdleConnections>) {
+    let _ = writeln!(s, "\n## Agent memory with idle connections\n");
+    let Some(m) = idle else {
+        let _ = writeln!(s, "Not measured in this run (see Errors).");
+        return;
+    };
+    let _ = writeln!(
+        s,
+        "`client` (node-a) opened {} connections one after the other to a single-thread \
+         (selectors) echo server in `server` (node-b), each through both agents (HBONE), echoed \
+         1 byte on each (open-files limit {}), and held them; opening took {:.1} s. Agents' \
+         current RSS (`VmRSS` of `/proc/<pid>/status`, pids from the agent cgroup) at start \
+         (before any traffic), idle just before opening (after the tests above), with all held \
+         (read {} s after the last one opened), and {} s after closing them; open file \
+         descriptors from `/proc/<pid>/fd`.\n",
+        m.n,
+        m.client_nofile,
+        m.open_s,
+        SETTLE.as_secs(),
+        SETTLE.as_secs()
+    );
+    let _ = writeln!(
+        s,
+        "| agent | RSS at start MiB | RSS idle MiB | RSS with {} held MiB | KiB per connection | \
+         fds idle → held | RSS after closing MiB |",
+        m.n
+    );
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|");
+    for a in &m.agents {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.1} | {:.1} | {:.1} | {} → {} | {:.1} |",
+            a.node,
+            a.at_start
+                .map_or("–".into(), |f| format!("{:.1}", mib(f.rss_kib))),
+            mib(a.idle.rss_kib),
+            mib(a.held.rss_kib),
+            a.per_connection_kib(m.n),
+            a.idle.fds,
+            a.held.fds,
+            mib(a.closed.rss_kib)
+        );
+    }
+    let Some(top) = m.largest() else {
+        return;
+    };
+    let idle_max = m.agents.iter().map(|a| a.idle.rss_kib).max().unwrap_or(0);
+    let start_max = m
+        .agents
+        .iter()
+        .filter_map(|a| a.at_start)
+        .map(|f| f.rss_kib)
+        .max();
+    let _ = writeln!(
+        s,
+        "\n**Agent RSS idle: {:.1} MiB{}** (larger agent; target ≤ {IDLE_RSS_TARGET_MIB:.0} MiB). \
+         **With {} idle connections: {:.1} MiB** ({}, {:.1} KiB per connection; target ≤ \
+         {HELD_RSS_TARGET_MIB:.0} MiB).",
+        mib(idle_max),
+        start_max.map_or(String::new(), |k| format!(" ({:.1} MiB at start)", mib(k))),
+        m.n,
+        mib(top.held.rss_kib),
+        top.node,
+        top.per_connection_kib(m.n)
+    );
 }
