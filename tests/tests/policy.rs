@@ -22,7 +22,8 @@ const ECHO_PORT: u16 = 7000;
 struct Setup {
     cluster: Cluster,
     _servers: Vec<mesh_tests::ChildGuard>,
-    _http: Vec<mesh_tests::HttpServer>,
+    /// web:8080, web:9090, outside-web:8080.
+    http: Vec<mesh_tests::HttpServer>,
 }
 
 fn setup() -> Result<Setup> {
@@ -57,7 +58,7 @@ fn setup() -> Result<Setup> {
     Ok(Setup {
         cluster,
         _servers: servers,
-        _http: http,
+        http,
     })
 }
 
@@ -254,6 +255,13 @@ spec:
     s.expect_ok("client", HTTP_PORT)?;
     s.expect_reset("client2", HTTP_PORT)?;
     s.expect_reset("outsider", HTTP_PORT)?;
+    // The denied callers' requests never reached web, not even the bytes client2's agent sent
+    // along with its CONNECT before the far agent answered.
+    let served = s.http[0].requests()?;
+    ensure!(
+        served.len() == 1,
+        "web should have served client's request only: {served:?}"
+    );
     let denied = s.wait_node_b("a denial of client2", |l| {
         l["message"] == "inbound connection denied"
             && l["peer_identity"] == "spiffe://cluster.local/ns/team/sa/other"

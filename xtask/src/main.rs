@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 /// Debian packages used by the tests, the demo and the benchmarks (prometheus: promtool;
-/// fonts-dejavu-core: the font of mesh-bench's PNG chart).
+/// fonts-dejavu-core: the font of mesh-bench's PNG chart; linux-perf: `bench --profile`).
 const DEB_PACKAGES: &[&str] = &[
     "iproute2",
     "curl",
@@ -27,6 +27,7 @@ const DEB_PACKAGES: &[&str] = &[
     "procps",
     "prometheus",
     "fonts-dejavu-core",
+    "linux-perf",
 ];
 /// Later versions need a system LLVM that Debian 12 lacks (see shared/ebpf-notes.md).
 const BPF_LINKER_VERSION: &str = "0.10.4";
@@ -70,6 +71,10 @@ enum Task {
         /// Fewer repetitions and shorter runs (under 3 minutes)
         #[arg(long)]
         quick: bool,
+        /// Instead of measuring, profile each test once on the mesh path with perf;
+        /// writes bench/results/profile.md
+        #[arg(long)]
+        profile: bool,
     },
 }
 
@@ -82,7 +87,7 @@ fn main() -> ExitCode {
         Task::Test { args } => test(&args),
         Task::Run { args } => run(&args),
         Task::Demo => demo(),
-        Task::Bench { quick } => bench(quick),
+        Task::Bench { quick, profile } => bench(quick, profile),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -145,14 +150,17 @@ fn demo() -> Result<()> {
     cmd(&mut c)
 }
 
-fn bench(quick: bool) -> Result<()> {
+fn bench(quick: bool, profile: bool) -> Result<()> {
     let start = Instant::now();
     setup()?;
     build(true)?;
-    let mut c = cargo("run --release -p mesh-tests --bin mesh-bench");
+    let mut c = cargo("run --release -p mesh-tests --bin mesh-bench --");
     c.env("MESH_AGENT_BIN", agent_bin());
     if quick {
-        c.args(["--", "--quick"]);
+        c.arg("--quick");
+    }
+    if profile {
+        c.arg("--profile");
     }
     let result = cmd(&mut c);
     let secs = start.elapsed().as_secs();
