@@ -9,11 +9,12 @@ use http::StatusCode;
 
 use super::relay::{ChunkRead, ChunkWrite};
 
-/// Per stream: a 1 KiB request or a bulk transfer must never wait for a WINDOW_UPDATE round trip
-/// at the speeds of a node's network.
-pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+/// Per stream: many times a node network's bandwidth-delay product, so a transfer never waits
+/// for a WINDOW_UPDATE; larger windows only let more data wait in the receiving agent (4 MiB
+/// measured the same throughput with 4 MiB more RSS, docs/performance.md).
+pub const STREAM_WINDOW: u32 = 1024 * 1024;
 /// Per connection, shared by its streams.
-pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+pub const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
 /// Larger than a socket read, so one read is one DATA frame; TLS splits it into records anyway.
 pub const MAX_FRAME_SIZE: u32 = 1024 * 1024;
 /// Every connection of a workload to another shares one HTTP/2 connection, so the limit must be
