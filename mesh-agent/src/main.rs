@@ -149,7 +149,11 @@ fn raise_open_files_limit() {
         let soft = limit.rlim_cur;
         limit.rlim_cur = limit.rlim_max;
         if soft < limit.rlim_max && libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-            tracing::warn!(soft, hard = limit.rlim_max, "cannot raise the open files limit");
+            tracing::warn!(
+                soft,
+                hard = limit.rlim_max,
+                "cannot raise the open files limit"
+            );
         }
     }
 }

@@ -99,11 +99,7 @@ impl Pod {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let program = program.as_ref();
-        let mut cmd = self.command(program, args)?;
-        let name = format!("{} in pod {}", program.to_string_lossy(), self.name);
-        let child = cmd.spawn().with_context(|| format!("spawn {name}"))?;
-        Ok(ChildGuard { child, name })
+        self.spawn_with(program.as_ref(), args, |_| {})
     }
 
     /// Like [`Pod::spawn`], with stdin and stdout piped (take them through
@@ -114,9 +110,23 @@ impl Pod {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let program = program.as_ref();
+        self.spawn_with(program.as_ref(), args, |cmd| {
+            cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
+        })
+    }
+
+    fn spawn_with<I, S>(
+        &self,
+        program: &OsStr,
+        args: I,
+        configure: impl FnOnce(&mut Command),
+    ) -> Result<ChildGuard>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
         let mut cmd = self.command(program, args)?;
-        cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
+        configure(&mut cmd);
         let name = format!("{} in pod {}", program.to_string_lossy(), self.name);
         let child = cmd.spawn().with_context(|| format!("spawn {name}"))?;
         Ok(ChildGuard { child, name })

@@ -102,10 +102,7 @@ pub enum HboneError {
         source: std::io::Error,
     },
     #[error("HTTP/2 with {dst}: {source}")]
-    Http2 {
-        dst: SocketAddr,
-        source: h2::Error,
-    },
+    Http2 { dst: SocketAddr, source: h2::Error },
     #[error("{dst} refused CONNECT {authority}: {status}")]
     Refused {
         dst: SocketAddr,
@@ -179,7 +176,10 @@ impl HboneClient {
             pool.entry(key.clone()).or_default().clone()
         };
         let mut slot = slot.lock().await;
-        if let Some(conn) = slot.as_ref().filter(|c| !c.usage.closed.load(Ordering::Acquire)) {
+        if let Some(conn) = slot
+            .as_ref()
+            .filter(|c| !c.usage.closed.load(Ordering::Acquire))
+        {
             return Ok((conn.sender.clone(), conn.peer.clone(), conn.usage.clone()));
         }
         let conn = self.establish(key, netns, expected).await?;

@@ -21,8 +21,8 @@ use tracing::{info, warn};
 use super::{
     hbone::{HBONE_PORT, HboneClient, HboneError},
     relay::{Transferred, relay, tcp_halves},
-    tunnel::Refused,
     telemetry::{self, Party},
+    tunnel::Refused,
 };
 use crate::{
     admin::{Metrics, Reporter, ResponseFlags},

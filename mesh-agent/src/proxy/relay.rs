@@ -154,15 +154,19 @@ mod tests {
     async fn relays_both_ways_with_half_close_and_counts() {
         let (mut app, mut caller) = connected_pair().await;
         let (mut upstream, mut server) = connected_pair().await;
-        let relayed = tokio::spawn(async move {
-            relay(tcp_halves(&mut caller), tcp_halves(&mut upstream)).await
-        });
+        let relayed =
+            tokio::spawn(
+                async move { relay(tcp_halves(&mut caller), tcp_halves(&mut upstream)).await },
+            );
         let request = vec![7u8; 300_000];
         app.write_all(&request).await.unwrap();
         app.shutdown().await.unwrap();
         let mut got = Vec::new();
         server.read_to_end(&mut got).await.unwrap();
-        assert_eq!(got, request, "caller's bytes reach the server, then its half-close");
+        assert_eq!(
+            got, request,
+            "caller's bytes reach the server, then its half-close"
+        );
         server.write_all(b"answer").await.unwrap();
         drop(server);
         let mut answer = Vec::new();

@@ -49,7 +49,9 @@ pub struct Refused(pub StatusCode);
 impl Refused {
     /// The refusal status, if this relay error is a refusal.
     pub fn status_of(err: &io::Error) -> Option<StatusCode> {
-        err.get_ref()?.downcast_ref::<Refused>().map(|refused| refused.0)
+        err.get_ref()?
+            .downcast_ref::<Refused>()
+            .map(|refused| refused.0)
     }
 }
 
@@ -140,7 +142,9 @@ impl ChunkWrite for TunnelWriter {
 /// HTTP/2 errors as the relay's I/O errors; a peer's reset reads as a reset connection.
 pub fn into_io(err: h2::Error) -> io::Error {
     if err.is_io() {
-        return err.into_io().unwrap_or_else(|| io::Error::other("HTTP/2 I/O error"));
+        return err
+            .into_io()
+            .unwrap_or_else(|| io::Error::other("HTTP/2 I/O error"));
     }
     if err.is_reset() || err.is_go_away() {
         return io::Error::new(io::ErrorKind::ConnectionReset, err);

@@ -16,9 +16,7 @@ use super::{Caller, Target, connect_to_workload, deliver, log_denied};
 use crate::{
     identity::{self, SpiffeId},
     policy::Decision,
-    proxy::{
-        tunnel::{self, TunnelReader, TunnelWriter},
-    },
+    proxy::tunnel::{self, TunnelReader, TunnelWriter},
 };
 
 /// A peer that does not finish its handshake in this time is dropped.
@@ -120,7 +118,12 @@ async fn serve_streams(
             None => return Ok(()),
             Some(Err(err)) => return Err(err),
             Some(Ok((request, respond))) => {
-                tokio::spawn(handle_stream(request, respond, caller.clone(), target.clone()));
+                tokio::spawn(handle_stream(
+                    request,
+                    respond,
+                    caller.clone(),
+                    target.clone(),
+                ));
             }
         }
     }

@@ -9,8 +9,8 @@ use tokio::net::TcpStream;
 use tracing::warn;
 
 use super::{Caller, Target, connect_to_workload, deliver, log_denied};
-use crate::proxy::relay::tcp_halves;
 use crate::policy::{Decision, MtlsMode};
+use crate::proxy::relay::tcp_halves;
 
 const CLIENT_FIRST_BYTES_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 

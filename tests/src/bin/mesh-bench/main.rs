@@ -86,7 +86,9 @@ impl Opts {
                     println!("usage: mesh-bench [--quick] [--profile] [--reps=N] [--out=DIR]");
                     std::process::exit(0);
                 }
-                other => bail!("unknown argument {other} (usage: mesh-bench [--quick] [--profile] [--reps=N] [--out=DIR])"),
+                other => bail!(
+                    "unknown argument {other} (usage: mesh-bench [--quick] [--profile] [--reps=N] [--out=DIR])"
+                ),
             }
         }
         Ok(if quick {
@@ -315,7 +317,13 @@ fn run(opts: &Opts) -> Result<()> {
     }
 
     if opts.profile {
-        return profile_mesh_path(&cluster, &target(PathKind::Mesh), &helper, &agent_pids(), opts);
+        return profile_mesh_path(
+            &cluster,
+            &target(PathKind::Mesh),
+            &helper,
+            &agent_pids(),
+            opts,
+        );
     }
 
     let mut res = Results::default();
@@ -635,16 +643,24 @@ fn profile_mesh_path(
     for test in TESTS {
         interrupt::check()?;
         let data = cluster.workdir().join(format!("perf-{test:?}.data"));
-        let (figures, profile) =
-            profile::record(test.label(), &data, agent_pids, || run_test(test, t, helper, opts))?;
-        eprintln!("mesh-bench: profiled {} on the mesh path: {figures:?}", test.label());
+        let (figures, profile) = profile::record(test.label(), &data, agent_pids, || {
+            run_test(test, t, helper, opts)
+        })?;
+        eprintln!(
+            "mesh-bench: profiled {} on the mesh path: {figures:?}",
+            test.label()
+        );
         profiles.push(profile);
     }
     let intro = format!(
         "Each test ran once on the mesh path (client on node-a → server on node-b through both \
          agents) under `perf record -a -F 999`; the agents' share is taken from their pids ({}). \
          The run's own figures are lower than `mesh-bench`'s because perf samples every CPU.",
-        agent_pids.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+        agent_pids
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     let text = profile::report(&profiles, &intro);
     fs::create_dir_all(&opts.out).with_context(|| format!("create {}", opts.out.display()))?;

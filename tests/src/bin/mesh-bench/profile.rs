@@ -39,20 +39,26 @@ pub fn record<T>(
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     mesh_tests::sys::with_empty_signal_mask(&mut perf);
-    let mut perf = perf.spawn().context("perf record (is linux-perf installed?)")?;
+    let mut perf = perf
+        .spawn()
+        .context("perf record (is linux-perf installed?)")?;
     let outcome = wait_for_file(data, Duration::from_secs(10)).and_then(|()| during());
     // SIGINT makes perf record flush and finish its file.
     unsafe { libc::kill(perf.id() as i32, libc::SIGINT) };
-    let finished = mesh_tests::sys::poll(Duration::from_secs(60), Duration::from_millis(100), || {
-        matches!(perf.try_wait(), Ok(Some(_)))
-    });
+    let finished =
+        mesh_tests::sys::poll(Duration::from_secs(60), Duration::from_millis(100), || {
+            matches!(perf.try_wait(), Ok(Some(_)))
+        });
     if !finished {
         let _ = perf.kill();
         let _ = perf.wait();
         bail!("perf record did not finish within 60 s of SIGINT");
     }
     let value = outcome?;
-    let by_command = parse_report(&perf_report(data, &["--sort", "comm", "--percent-limit", "1"])?);
+    let by_command = parse_report(&perf_report(
+        data,
+        &["--sort", "comm", "--percent-limit", "1"],
+    )?);
     let pids = agent_pids
         .iter()
         .map(u32::to_string)
@@ -131,11 +137,32 @@ fn category(symbol: &str) -> &'static str {
     const RULES: &[(&str, &[&str])] = &[
         (
             "crypto (AES-GCM, ECDSA, hashing)",
-            &["aes", "gcm", "ghash", "ring_core", "chacha", "poly1305", "sha", "p256", "ecp_nistz", "x25519", "bn_"],
+            &[
+                "aes",
+                "gcm",
+                "ghash",
+                "ring_core",
+                "chacha",
+                "poly1305",
+                "sha",
+                "p256",
+                "ecp_nistz",
+                "x25519",
+                "bn_",
+            ],
         ),
         (
             "copies (user <-> kernel, memcpy)",
-            &["copy_user", "memcpy", "memmove", "copy_to_", "copy_from_", "_copy_", "rep_movs", "skb_copy"],
+            &[
+                "copy_user",
+                "memcpy",
+                "memmove",
+                "copy_to_",
+                "copy_from_",
+                "_copy_",
+                "rep_movs",
+                "skb_copy",
+            ],
         ),
         (
             "HTTP/2 framing (h2, hyper)",
@@ -145,22 +172,96 @@ fn category(symbol: &str) -> &'static str {
         (
             "syscalls, wake-ups and scheduling",
             &[
-                "entry_SYSCALL", "syscall", "schedule", "futex", "epoll", "ep_", "switch_", "wake",
-                "__x64_sys", "do_sys", "pick_next", "update_curr", "enqueue", "dequeue", "__fget",
-                "fdget", "mio::", "native_sched", "finish_task", "__rseq", "rseq", "restore_fpregs",
-                "fpregs", "switch_fpu", "__calc_delta", "raw_spin", "_raw_spin",
+                "entry_SYSCALL",
+                "syscall",
+                "schedule",
+                "futex",
+                "epoll",
+                "ep_",
+                "switch_",
+                "wake",
+                "__x64_sys",
+                "do_sys",
+                "pick_next",
+                "update_curr",
+                "enqueue",
+                "dequeue",
+                "__fget",
+                "fdget",
+                "mio::",
+                "native_sched",
+                "finish_task",
+                "__rseq",
+                "rseq",
+                "restore_fpregs",
+                "fpregs",
+                "switch_fpu",
+                "__calc_delta",
+                "raw_spin",
+                "_raw_spin",
             ],
         ),
-        ("async runtime (tokio)", &["tokio::", "tokio_util::", "futures"]),
-        ("allocator", &["malloc", "free", "alloc::", "_int_", "realloc", "kmem_cache", "kmalloc", "kfree", "page_frag", "__alloc", "slab"]),
+        (
+            "async runtime (tokio)",
+            &["tokio::", "tokio_util::", "futures"],
+        ),
+        (
+            "allocator",
+            &[
+                "malloc",
+                "free",
+                "alloc::",
+                "_int_",
+                "realloc",
+                "kmem_cache",
+                "kmalloc",
+                "kfree",
+                "page_frag",
+                "__alloc",
+                "slab",
+            ],
+        ),
         (
             "kernel TCP/IP stack",
             &[
-                "tcp_", "ip_", "ip6", "ipv6", "skb", "sk_", "sock_", "inet", "__dev", "dev_", "netif",
-                "veth", "nf_", "net_rx", "napi", "br_", "__netif", "raw6", "release_sock", "lock_sock",
-                "__release_sock", "__sys_", "sockfd", "__tcp", "csum", "do_softirq", "__do_softirq",
-                "handle_softirqs", "fib", "neigh", "__sk", "security_sock", "bpf_", "__cgroup_bpf",
-                "lookup", "memcg", "mem_cgroup", "__mod_",
+                "tcp_",
+                "ip_",
+                "ip6",
+                "ipv6",
+                "skb",
+                "sk_",
+                "sock_",
+                "inet",
+                "__dev",
+                "dev_",
+                "netif",
+                "veth",
+                "nf_",
+                "net_rx",
+                "napi",
+                "br_",
+                "__netif",
+                "raw6",
+                "release_sock",
+                "lock_sock",
+                "__release_sock",
+                "__sys_",
+                "sockfd",
+                "__tcp",
+                "csum",
+                "do_softirq",
+                "__do_softirq",
+                "handle_softirqs",
+                "fib",
+                "neigh",
+                "__sk",
+                "security_sock",
+                "bpf_",
+                "__cgroup_bpf",
+                "lookup",
+                "memcg",
+                "mem_cgroup",
+                "__mod_",
             ],
         ),
     ];
@@ -189,7 +290,12 @@ pub fn report(profiles: &[Profile], intro: &str) -> String {
         let _ = writeln!(s, "\nThe agents' hottest symbols:\n");
         let _ = writeln!(s, "| share | symbol | category |\n|---:|---|---|");
         for (share, sym) in &p.top_symbols {
-            let _ = writeln!(s, "| {share:.2} % | `{}` | {} |", shorten(sym), category(sym));
+            let _ = writeln!(
+                s,
+                "| {share:.2} % | `{}` | {} |",
+                shorten(sym),
+                category(sym)
+            );
         }
         let _ = writeln!(s);
     }
@@ -223,10 +329,19 @@ mod tests {
 
     #[test]
     fn symbols_fall_into_categories() {
-        assert_eq!(category("aes_gcm_enc_update_vaes_avx2"), "crypto (AES-GCM, ECDSA, hashing)");
-        assert_eq!(category("copy_user_generic"), "copies (user <-> kernel, memcpy)");
+        assert_eq!(
+            category("aes_gcm_enc_update_vaes_avx2"),
+            "crypto (AES-GCM, ECDSA, hashing)"
+        );
+        assert_eq!(
+            category("copy_user_generic"),
+            "copies (user <-> kernel, memcpy)"
+        );
         assert_eq!(category("tcp_sendmsg_locked"), "kernel TCP/IP stack");
-        assert_eq!(category("h2::proto::streams::prioritize::Prioritize::pop_frame"), "HTTP/2 framing (h2, hyper)");
+        assert_eq!(
+            category("h2::proto::streams::prioritize::Prioritize::pop_frame"),
+            "HTTP/2 framing (h2, hyper)"
+        );
         assert_eq!(category("something_else"), "other");
     }
 }

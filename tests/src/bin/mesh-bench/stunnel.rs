@@ -6,12 +6,18 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use mesh_tests::{ChildGuard, Cluster, Pod};
 
-use crate::{ECHO_PORT, IPERF_PORT, TUN_ECHO_PORT, TUN_IPERF_PORT, TUN_SRV_ECHO_PORT, TUN_SRV_IPERF_PORT};
+use crate::{
+    ECHO_PORT, IPERF_PORT, TUN_ECHO_PORT, TUN_IPERF_PORT, TUN_SRV_ECHO_PORT, TUN_SRV_IPERF_PORT,
+};
 
 /// Self-signed P-256 certificates for both ends, then a stunnel client in `client_pod`
 /// (127.0.0.1 listeners) and a stunnel server in `server_pod` forwarding to its local
 /// iperf3 and echo servers; mutual TLS (`verify = 2` against the other end's certificate).
-pub fn start_stunnel(cluster: &Cluster, client_pod: &Pod, server_pod: &Pod) -> Result<Vec<ChildGuard>> {
+pub fn start_stunnel(
+    cluster: &Cluster,
+    client_pod: &Pod,
+    server_pod: &Pod,
+) -> Result<Vec<ChildGuard>> {
     let dir = cluster.workdir().join("stunnel");
     fs::create_dir_all(&dir)?;
     for side in ["client", "server"] {
