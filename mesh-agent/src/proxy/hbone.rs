@@ -143,26 +143,28 @@ impl HboneClient {
             source: source.clone(),
             dst,
         };
-        let (sender, peer, usage) = self.pooled_sender(&key, netns, expected).await?;
-        let request = Request::builder()
-            .method(Method::CONNECT)
-            .uri(authority.to_string())
-            .body(())
-            .map_err(|err| HboneError::Identity(format!("building CONNECT request: {err}")))?;
-        let stream_usage = StreamUsage::open(usage);
-        // Waits while the connection is at its limit of concurrent streams.
-        let mut sender = sender
-            .ready()
-            .await
-            .map_err(|source| HboneError::Http2 { dst, source })?;
-        let (response, send) = sender
-            .send_request(request, false)
-            .map_err(|source| HboneError::Http2 { dst, source })?;
-        Ok(HboneStream {
-            reader: TunnelReader::awaiting(response, stream_usage),
-            writer: TunnelWriter::new(send),
-            peer,
-        })
+        // A pooled connection the far agent is closing (GOAWAY: it is stopping) refuses new
+        // streams before its task ends: mark it closed and try once more on a fresh one.
+        let mut retried = false;
+        loop {
+            let (sender, peer, usage) = self.pooled_sender(&key, netns, expected).await?;
+            let request = connect_request(authority)?;
+            match open_stream(sender, request, usage.clone()).await {
+                Ok((reader, writer)) => {
+                    return Ok(HboneStream {
+                        reader,
+                        writer,
+                        peer,
+                    });
+                }
+                Err(source) if !retried => {
+                    debug!(dst = %dst, error = %source, "pooled hbone connection refused a stream; reconnecting");
+                    usage.closed.store(true, Ordering::Release);
+                    retried = true;
+                }
+                Err(source) => return Err(HboneError::Http2 { dst, source }),
+            }
+        }
     }
 
     async fn pooled_sender(
@@ -264,6 +266,30 @@ impl HboneClient {
             }
         }
     }
+}
+
+fn connect_request(authority: SocketAddr) -> Result<Request<()>, HboneError> {
+    Request::builder()
+        .method(Method::CONNECT)
+        .uri(authority.to_string())
+        .body(())
+        .map_err(|err| HboneError::Identity(format!("building CONNECT request: {err}")))
+}
+
+/// Sends `request` on a pooled connection; the stream is usable at once.
+async fn open_stream(
+    sender: SendRequest<Bytes>,
+    request: Request<()>,
+    usage: Arc<Usage>,
+) -> Result<(TunnelReader<StreamUsage>, TunnelWriter), h2::Error> {
+    let stream_usage = StreamUsage::open(usage);
+    // Waits while the connection is at its limit of concurrent streams.
+    let mut sender = sender.ready().await?;
+    let (response, send) = sender.send_request(request, false)?;
+    Ok((
+        TunnelReader::awaiting(response, stream_usage),
+        TunnelWriter::new(send),
+    ))
 }
 
 async fn close_idle_connections(client: std::sync::Weak<HboneClient>) {
