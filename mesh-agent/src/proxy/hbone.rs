@@ -59,7 +59,7 @@ struct PooledConnection {
     usage: Arc<Usage>,
 }
 
-pub struct Usage {
+struct Usage {
     open_streams: AtomicUsize,
     last_used: Mutex<Instant>,
     /// The connection has ended: the next stream needs a new one.
