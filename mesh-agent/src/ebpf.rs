@@ -8,6 +8,8 @@
 //! <pin-dir>/v1/links/mesh_connect4  cgroup attachments; they outlive the agent, so that
 //! <pin-dir>/v1/links/mesh_connect6  captured workloads fail closed while it is away
 //! <pin-dir>/v1/links/mesh_sock_ops
+//! <pin-dir>/v1/links/mesh_guard_ingress  the fail-closed guard (docs/agent.md), keyed by the
+//! <pin-dir>/v1/links/mesh_guard_egress   node's workload IPs in maps/MESH_GUARDED_IPS
 //! <pin-dir>/v1/links/mesh_sk_lookup_<netns inode>   inbound capture, one per workload namespace
 //! ```
 
@@ -25,7 +27,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, SockHash},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps, links::FdLink, links::PinnedLink,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SkLookup, SockOps,
+        links::FdLink, links::PinnedLink,
     },
 };
 use mesh_ebpf_common::{AF_INET, AF_INET6, Enrollment, IpKey, PeerKey, SockAddr, maps, programs};
@@ -50,6 +53,7 @@ pub struct Capture {
     orig_dst: OrigDstTable,
     inbound_enrolled: HashMap<MapData, IpKey, u32>,
     inbound_listeners: SockHash<MapData, IpKey>,
+    guarded_ips: HashMap<MapData, IpKey, u32>,
 }
 
 /// Where the kernel recorded each captured connection's original destination.
@@ -89,6 +93,18 @@ impl Capture {
             .with_context(|| format!("attaching sock_ops to {}", workload_cgroup.display()))?;
         let link: FdLink = sock_ops.take_link(link_id)?.try_into()?;
         replace_pinned_link(link, &links_dir.join(programs::SOCK_OPS))?;
+        for (name, direction) in [
+            (programs::GUARD_INGRESS, CgroupSkbAttachType::Ingress),
+            (programs::GUARD_EGRESS, CgroupSkbAttachType::Egress),
+        ] {
+            let program: &mut CgroupSkb = program_mut(&mut ebpf, name)?;
+            program.load().with_context(|| format!("loading {name}"))?;
+            let link_id = program
+                .attach(&cgroup, direction, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {name} to {}", workload_cgroup.display()))?;
+            let link: FdLink = program.take_link(link_id)?.try_into()?;
+            replace_pinned_link(link, &links_dir.join(name))?;
+        }
         let sk_lookup: &mut SkLookup = program_mut(&mut ebpf, programs::SK_LOOKUP)?;
         sk_lookup.load().context("loading sk_lookup")?;
 
@@ -101,6 +117,7 @@ impl Capture {
             )?))),
             inbound_enrolled: take_map(&mut ebpf, maps::INBOUND_ENROLLED)?,
             inbound_listeners: take_map(&mut ebpf, maps::INBOUND_LISTENERS)?,
+            guarded_ips: take_map(&mut ebpf, maps::GUARDED_IPS)?,
             links_dir,
             ebpf,
         })
@@ -125,15 +142,84 @@ impl Capture {
                 .insert(key, 1, 0)
                 .with_context(|| format!("enrolling {ip} for inbound capture"))?;
         }
-        let pin = self
-            .links_dir
-            .join(format!("{}_{}", programs::SK_LOOKUP, netns.inode()?));
+        let pin = self.sk_lookup_pin(netns.inode()?);
         let sk_lookup: &mut SkLookup = program_mut(&mut self.ebpf, programs::SK_LOOKUP)?;
         let link_id = sk_lookup
             .attach(netns)
             .with_context(|| format!("attaching sk_lookup to {}", netns.path().display()))?;
         let link: FdLink = sk_lookup.take_link(link_id)?.into();
         replace_pinned_link(link, &pin)
+    }
+
+    /// Stops capturing inbound connections to `ips` in the namespace with inode `netns_inode`
+    /// (the workload is gone, or its namespace was recreated). The guard still holds for the
+    /// IPs until [`Capture::retain_guarded`] drops them.
+    pub fn release_inbound(&mut self, netns_inode: u64, ips: &[IpAddr]) -> anyhow::Result<()> {
+        for ip in ips {
+            let key = ip_key(*ip);
+            // Absent entries are fine: the kernel drops a listener's entry when it closes.
+            let _ = self.inbound_listeners.remove(&key);
+            let _ = self.inbound_enrolled.remove(&key);
+        }
+        remove_pin(&self.sk_lookup_pin(netns_inode))
+    }
+
+    fn sk_lookup_pin(&self, netns_inode: u64) -> PathBuf {
+        self.links_dir
+            .join(format!("{}_{netns_inode}", programs::SK_LOOKUP))
+    }
+
+    /// Removes the inbound capture of namespaces not in `keep` (inodes): what a previous agent
+    /// attached for workloads that are gone.
+    pub fn retain_inbound_namespaces(&mut self, keep: &HashSet<u64>) -> anyhow::Result<()> {
+        let prefix = format!("{}_", programs::SK_LOOKUP);
+        for entry in fs::read_dir(&self.links_dir)
+            .with_context(|| format!("listing {}", self.links_dir.display()))?
+        {
+            let path = entry?.path();
+            let Some(inode) = path
+                .file_name()
+                .and_then(|name| name.to_str())
+                .and_then(|name| name.strip_prefix(&prefix))
+                .and_then(|inode| inode.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            if !keep.contains(&inode) {
+                remove_pin(&path)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The fail-closed guard holds for `ips` from now on (docs/agent.md).
+    pub fn guard(&mut self, ips: &[IpAddr]) -> anyhow::Result<()> {
+        for ip in ips {
+            self.guarded_ips
+                .insert(ip_key(*ip), 1, 0)
+                .with_context(|| format!("guarding {ip}"))?;
+        }
+        Ok(())
+    }
+
+    /// The guard stops holding for IPs not in `keep` (workloads gone from the node).
+    pub fn retain_guarded(&mut self, keep: &[IpAddr]) -> anyhow::Result<()> {
+        let keep: HashSet<IpKey> = keep.iter().map(|ip| ip_key(*ip)).collect();
+        let stale: Vec<IpKey> = self
+            .guarded_ips
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| !keep.contains(key))
+            .collect();
+        for key in stale {
+            self.guarded_ips.remove(&key)?;
+        }
+        Ok(())
+    }
+
+    /// How many IPs the guard holds for (the admin API reports it).
+    pub fn guarded_count(&self) -> usize {
+        self.guarded_ips.keys().filter_map(Result::ok).count()
     }
 
     /// Stops capturing inbound connections to IPs not in `keep`.
@@ -158,6 +244,19 @@ impl Capture {
             .insert(id, Enrollment::default(), 0)
             .with_context(|| format!("enrolling cgroup {}", cgroup.display()))?;
         Ok(id)
+    }
+
+    /// Stops capturing the cgroup with this id.
+    pub fn unenroll(&mut self, id: u64) -> anyhow::Result<()> {
+        match self.enrolled.remove(&id) {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(err))
+                if err.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
+            Err(err) => Err(err).with_context(|| format!("unenrolling cgroup id {id}")),
+        }
     }
 
     /// Stops capturing every cgroup not in `keep` (workloads gone from the cluster file).
@@ -274,6 +373,14 @@ fn replace_pinned_link(new: FdLink, path: &Path) -> anyhow::Result<()> {
         );
     }
     fs::rename(&staging, path).with_context(|| format!("renaming pin to {}", path.display()))
+}
+
+fn remove_pin(path: &Path) -> anyhow::Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(err) => Err(err).with_context(|| format!("removing {}", path.display())),
+    }
 }
 
 fn ensure_bpffs(pin_dir: &Path) -> anyhow::Result<()> {

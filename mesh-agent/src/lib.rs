@@ -1,17 +1,22 @@
 //! The node agent of the mesh: one per node, it captures its workloads' connections through
 //! eBPF and relays them.
 //!
-//! - [`workload`]: the node's view of the mesh, from the cluster file;
+//! - [`workload`]: the cluster file's schema (nodes, workloads, Services);
+//! - [`state`]: the node's live view of the mesh, as immutable snapshots;
+//! - [`sources`]: where that view comes from (the cluster file, watched);
 //! - [`ebpf`]: the kernel programs: load, attach, pin, enrol, original destinations;
 //! - [`proxy`]: where connections are accepted and forwarded;
-//! - [`agent`]: one node's agent, tying them together;
+//! - [`agent`]: one node's agent, reconciling each local workload;
 //! - [`netns`]: sockets inside workloads' network namespaces.
 
 pub mod admin;
 pub mod agent;
 pub mod ebpf;
+mod fswatch;
 pub mod identity;
 pub mod netns;
 pub mod policy;
 pub mod proxy;
+pub mod sources;
+pub mod state;
 pub mod workload;

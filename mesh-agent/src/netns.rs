@@ -7,7 +7,7 @@
 use std::{
     fs::File,
     io,
-    net::{SocketAddr, TcpListener},
+    net::SocketAddr,
     os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
     sync::OnceLock,
@@ -15,7 +15,10 @@ use std::{
 
 use anyhow::Context as _;
 use nix::sched::{CloneFlags, setns};
-use tokio::net::TcpSocket;
+use tokio::net::{TcpListener, TcpSocket};
+
+/// Connections a listener holds before the agent accepts them (the kernel caps it at somaxconn).
+const LISTEN_BACKLOG: u32 = 4096;
 
 /// The agent's own namespace, captured before any thread moves.
 static HOME: OnceLock<File> = OnceLock::new();
@@ -53,11 +56,15 @@ impl NetNs {
         Ok(self.file.metadata()?.ino())
     }
 
-    /// Binds a listener inside this namespace.
+    /// Binds a listener inside this namespace. With `SO_REUSEPORT`, so that a workload's new
+    /// listeners can open while the old ones close (its namespace kept, its spec changed) and a
+    /// second agent can take over from the first (an upgrade).
     pub fn bind(&self, addr: SocketAddr) -> io::Result<TcpListener> {
-        let listener = self.inside(|| TcpListener::bind(addr))??;
-        listener.set_nonblocking(true)?;
-        Ok(listener)
+        let socket = self.tcp_socket_for(&addr)?;
+        socket.set_reuseaddr(true)?;
+        socket.set_reuseport(true)?;
+        socket.bind(addr)?;
+        Ok(socket.listen(LISTEN_BACKLOG)?)
     }
 
     /// Creates an unconnected TCP socket inside this namespace, for connecting to `dst`.

@@ -30,11 +30,69 @@ pub struct Cluster {
     pub policy: PolicyConfig,
     #[serde(deserialize_with = "nodes_without_conflicts")]
     pub nodes: Vec<Node>,
+    /// Kubernetes-style Services: virtual IPs spread over the workloads their selector picks.
+    #[serde(default)]
+    pub services: Vec<Service>,
+}
+
+/// A Service, as in Kubernetes: connections to one of its `addresses` on one of its ports go to
+/// a ready workload of its namespace whose labels include `selector`, on the port's `targetPort`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Service {
+    pub name: Name,
+    #[serde(default = "default_name")]
+    pub namespace: Name,
+    /// Virtual IPs (IPv4 and/or IPv6), owned by no workload.
+    #[serde(deserialize_with = "at_least_one_address")]
+    pub addresses: Vec<IpAddr>,
+    #[serde(deserialize_with = "ports_without_duplicates")]
+    pub ports: Vec<ServicePort>,
+    /// Labels a workload must carry to be an endpoint; empty selects none (as in Kubernetes, a
+    /// Service without selector has no automatic endpoints).
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServicePort {
+    pub port: u16,
+    /// The endpoints' port; default: `port`.
+    #[serde(default)]
+    pub target_port: Option<u16>,
+}
+
+impl ServicePort {
+    pub fn target(&self) -> u16 {
+        self.target_port.unwrap_or(self.port)
+    }
+}
+
+impl Service {
+    /// `namespace/name`.
+    pub fn qualified_name(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// `name.namespace.svc.<trust domain>`, Istio's `destination_service`.
+    pub fn hostname(&self, trust_domain: &Name) -> String {
+        format!("{}.{}.svc.{}", self.name, self.namespace, trust_domain)
+    }
+
+    pub fn selects(&self, workload: &Workload) -> bool {
+        !self.selector.is_empty()
+            && workload.namespace == self.namespace
+            && self
+                .selector
+                .iter()
+                .all(|(key, value)| workload.labels.get(key) == Some(value))
+    }
 }
 
 /// Where the mesh's signing certificate and key are, and how long workload certificates live.
 /// Relative paths are relative to the cluster file's directory.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct IdentityConfig {
     /// The signing certificate (a root, or an intermediate followed by its parents).
@@ -57,7 +115,7 @@ pub struct HboneConfig {
 }
 
 /// Where Istio security policies are read from (docs/policy.md).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PolicyConfig {
     /// A YAML file or a directory of them; none means no policy (PERMISSIVE, allow all).
@@ -163,6 +221,7 @@ impl Cluster {
         let mut cluster: Self = Self::deserialize_located(text, path)?;
         cluster.resolve_paths(path.parent().unwrap_or(Path::new(".")));
         cluster.check_identities(path)?;
+        cluster.check_services(path)?;
         Ok(cluster)
     }
 
@@ -206,6 +265,39 @@ impl Cluster {
                     message: format!("workload {}: {err}", workload.qualified_name()),
                 }
             })?;
+        }
+        Ok(())
+    }
+
+    /// Service names and virtual IPs must each mean one thing, and a virtual IP is no workload's.
+    fn check_services(&self, path: &Path) -> Result<(), ClusterFileError> {
+        let invalid = |message: String| ClusterFileError::InvalidNoLocation {
+            path: path.to_owned(),
+            message,
+        };
+        let mut names = HashSet::new();
+        let mut owners: HashMap<IpAddr, String> = self
+            .nodes
+            .iter()
+            .flat_map(|node| &node.workloads)
+            .flat_map(|w| {
+                w.ips
+                    .iter()
+                    .map(|ip| (ip.to_canonical(), w.qualified_name()))
+            })
+            .collect();
+        for service in &self.services {
+            let name = service.qualified_name();
+            if !names.insert(name.clone()) {
+                return Err(invalid(format!("service {name} is listed twice")));
+            }
+            for ip in &service.addresses {
+                if let Some(other) = owners.insert(ip.to_canonical(), format!("service {name}")) {
+                    return Err(invalid(format!(
+                        "service {name}: address {ip} already belongs to {other}"
+                    )));
+                }
+            }
         }
         Ok(())
     }
@@ -309,6 +401,36 @@ fn at_least_one_ip<'de, D: Deserializer<'de>>(de: D) -> Result<Vec<IpAddr>, D::E
         return Err(D::Error::custom("a workload needs at least one IP address"));
     }
     Ok(ips)
+}
+
+fn at_least_one_address<'de, D: Deserializer<'de>>(de: D) -> Result<Vec<IpAddr>, D::Error> {
+    let ips = Vec::<IpAddr>::deserialize(de)?;
+    if ips.is_empty() {
+        return Err(D::Error::custom("a service needs at least one address"));
+    }
+    Ok(ips)
+}
+
+fn ports_without_duplicates<'de, D: Deserializer<'de>>(
+    de: D,
+) -> Result<Vec<ServicePort>, D::Error> {
+    let ports = Vec::<ServicePort>::deserialize(de)?;
+    if ports.is_empty() {
+        return Err(D::Error::custom("a service needs at least one port"));
+    }
+    let mut seen = HashSet::new();
+    for port in &ports {
+        if port.port == 0 || port.target() == 0 {
+            return Err(D::Error::custom("port 0 is not a service port"));
+        }
+        if !seen.insert(port.port) {
+            return Err(D::Error::custom(format!(
+                "port {} is listed twice",
+                port.port
+            )));
+        }
+    }
+    Ok(ports)
 }
 
 fn workloads_without_duplicates<'de, D: Deserializer<'de>>(

@@ -33,6 +33,9 @@ pub mod maps {
     pub const INBOUND_ENROLLED: &str = "MESH_INBOUND_ENROLLED";
     /// [`super::IpKey`] of a workload IP -> the agent's plaintext listener in its namespace.
     pub const INBOUND_LISTENERS: &str = "MESH_INBOUND_LISTENERS";
+    /// [`super::IpKey`] of a workload IP -> 1: the fail-closed guard holds for it (see
+    /// `mesh-ebpf/src/guard.rs`), whatever the agent knows of its namespace and cgroup.
+    pub const GUARDED_IPS: &str = "MESH_GUARDED_IPS";
 }
 
 /// Program names (the Rust function names in `mesh-ebpf`).
@@ -41,6 +44,8 @@ pub mod programs {
     pub const CONNECT6: &str = "mesh_connect6";
     pub const SOCK_OPS: &str = "mesh_sock_ops";
     pub const SK_LOOKUP: &str = "mesh_sk_lookup";
+    pub const GUARD_INGRESS: &str = "mesh_guard_ingress";
+    pub const GUARD_EGRESS: &str = "mesh_guard_egress";
 }
 
 /// A TCP endpoint as the kernel sees it. `addr` holds the address in network byte order as the

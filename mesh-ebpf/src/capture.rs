@@ -30,7 +30,7 @@ const V4_MAPPED_MARKER: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 static ENROLLED: HashMap<u64, Enrollment> = HashMap::pinned(16384, 0);
 
 #[map(name = "MESH_EXCLUDED_PORTS")]
-static EXCLUDED_PORTS: Array<u8> = Array::pinned(65536, 0);
+pub(crate) static EXCLUDED_PORTS: Array<u8> = Array::pinned(65536, 0);
 
 #[map(name = "MESH_ORIG_BY_COOKIE")]
 static ORIG_BY_COOKIE: LruHashMap<u64, PendingOrigDst> = LruHashMap::pinned(65536, 0);
@@ -44,9 +44,9 @@ static INBOUND_ENROLLED: HashMap<IpKey, u32> = HashMap::pinned(16384, 0);
 #[map(name = "MESH_INBOUND_LISTENERS")]
 static INBOUND_LISTENERS: SockHash<IpKey> = SockHash::pinned(16384, 0);
 
-const IPPROTO_TCP: u32 = 6;
+pub(crate) const IPPROTO_TCP: u32 = 6;
 /// The loopback device is interface 1 in every network namespace.
-const LOOPBACK_IFINDEX: u32 = 1;
+pub(crate) const LOOPBACK_IFINDEX: u32 = 1;
 
 #[cgroup_sock_addr(connect4)]
 pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {

@@ -10,6 +10,8 @@
 
 #[cfg(target_arch = "bpf")]
 mod capture;
+#[cfg(target_arch = "bpf")]
+mod guard;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

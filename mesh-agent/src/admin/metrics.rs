@@ -66,6 +66,8 @@ label_enum! {
         DownstreamTermination => "DC",
         /// `DENY`: refused by authorization policy (the value ztunnel uses).
         Denied => "DENY",
+        /// `UH`: a Service without a ready endpoint on the port.
+        NoHealthyUpstream => "UH",
     }
 }
 

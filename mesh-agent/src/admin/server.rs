@@ -5,8 +5,7 @@ use std::fmt;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -56,8 +55,8 @@ pub type ConfigDumpFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 #[derive(Clone)]
 pub struct AdminState {
     pub metrics: Metrics,
-    /// `/healthz/ready` answers 200 while this is true, 503 otherwise.
-    pub ready: Arc<AtomicBool>,
+    /// Why `/healthz/ready` answers 503; empty means ready (200).
+    not_ready: Arc<Mutex<Vec<String>>>,
     pub config_dump: ConfigDumpFn,
 }
 
@@ -69,17 +68,34 @@ impl AdminState {
     ) -> Self {
         Self {
             metrics,
-            ready: Arc::new(AtomicBool::new(false)),
+            not_ready: Arc::new(Mutex::new(vec!["starting".to_owned()])),
             config_dump: Arc::new(config_dump),
         }
     }
 
     pub fn set_ready(&self, ready: bool) {
-        self.ready.store(ready, Ordering::Release);
+        let reasons = if ready {
+            Vec::new()
+        } else {
+            vec!["not ready".to_owned()]
+        };
+        self.set_not_ready(reasons);
+    }
+
+    /// Not ready for these reasons (one line each, shown by `/healthz/ready`); none: ready.
+    pub fn set_not_ready(&self, reasons: Vec<String>) {
+        *self.not_ready.lock().unwrap_or_else(|p| p.into_inner()) = reasons;
     }
 
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        self.not_ready_reasons().is_empty()
+    }
+
+    pub fn not_ready_reasons(&self) -> Vec<String> {
+        self.not_ready
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -325,9 +341,21 @@ impl Router {
                 PROMETHEUS_CONTENT_TYPE,
                 self.state.metrics.encode_prometheus(),
             ),
-            (Endpoint::Readiness, _) if self.state.is_ready() => text(StatusCode::OK, "ready\n"),
-            (Endpoint::Readiness, _) => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+            (Endpoint::Readiness, _) => self.readiness(),
         }
+    }
+
+    fn readiness(&self) -> Response<Full<Bytes>> {
+        let reasons = self.state.not_ready_reasons();
+        if reasons.is_empty() {
+            return text(StatusCode::OK, "ready\n");
+        }
+        let mut body = String::from("not ready\n");
+        for reason in reasons {
+            body.push_str(&reason);
+            body.push('\n');
+        }
+        text(StatusCode::SERVICE_UNAVAILABLE, body)
     }
 
     fn config_dump(&self) -> Response<Full<Bytes>> {

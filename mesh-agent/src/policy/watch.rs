@@ -5,7 +5,6 @@
 //! filesystems, and through the symbolic-link swaps of Kubernetes ConfigMap volumes, where
 //! inotify events are missed or never sent.
 
-use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::load::policy_files;
 use super::{PolicyError, PolicySet};
+use crate::fswatch::Fingerprint;
 
 /// How often the policy path is checked for changes, unless told otherwise.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
@@ -39,7 +39,7 @@ impl PolicyWatcher {
         shutdown: CancellationToken,
     ) -> Result<watch::Receiver<Arc<PolicySet>>, PolicyError> {
         let (path, root_namespace) = (path.into(), root_namespace.into());
-        let seen = Fingerprint::of(&path);
+        let seen = fingerprint(&path);
         let set = PolicySet::load(&path, &root_namespace)?;
         log_loaded(&path, &set);
         let (sender, receiver) = watch::channel(Arc::new(set));
@@ -131,7 +131,7 @@ enum Change {
 /// Compares the path with what was last read, and reloads it if it changed. The fingerprint is
 /// taken before reading, so a change made while reading is seen at the next poll.
 fn examine(path: &Path, root_namespace: &str, seen: &Fingerprint) -> Change {
-    let current = Fingerprint::of(path);
+    let current = fingerprint(path);
     if &current == seen {
         return Change::None;
     }
@@ -154,53 +154,9 @@ fn log_loaded(path: &Path, set: &PolicySet) {
     }
 }
 
-/// What a poll compares: for each policy file, its identity, size and times.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Fingerprint {
-    Missing,
-    /// The listing or a file's metadata could not be read; the message tells what changed.
-    Unreadable(String),
-    Files(Vec<FileStamp>),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct FileStamp {
-    path: PathBuf,
-    device: u64,
-    inode: u64,
-    len: u64,
-    modified: (i64, i64),
-    changed: (i64, i64),
-}
-
-impl Fingerprint {
-    fn of(path: &Path) -> Self {
-        if !path.exists() {
-            return Fingerprint::Missing;
-        }
-        let files = match policy_files(path) {
-            Ok(files) => files,
-            Err(err) => return Fingerprint::Unreadable(err.to_string()),
-        };
-        let stamps: Result<Vec<FileStamp>, String> = files.into_iter().map(FileStamp::of).collect();
-        match stamps {
-            Ok(stamps) => Fingerprint::Files(stamps),
-            Err(err) => Fingerprint::Unreadable(err),
-        }
-    }
-}
-
-impl FileStamp {
-    fn of(path: PathBuf) -> Result<Self, String> {
-        let metadata =
-            std::fs::metadata(&path).map_err(|err| format!("{}: {err}", path.display()))?;
-        Ok(Self {
-            device: metadata.dev(),
-            inode: metadata.ino(),
-            len: metadata.len(),
-            modified: (metadata.mtime(), metadata.mtime_nsec()),
-            changed: (metadata.ctime(), metadata.ctime_nsec()),
-            path,
-        })
-    }
+/// What a poll compares: each policy file's identity, size and times.
+fn fingerprint(path: &Path) -> Fingerprint {
+    Fingerprint::of(path, |path| {
+        policy_files(path).map_err(|err| err.to_string())
+    })
 }

@@ -1,8 +1,10 @@
 //! HBONE client: HTTP/2 `CONNECT` streams over pooled mutual-TLS connections to the agent that
 //! serves the destination workload (its IP, port 15008).
 //!
-//! One TLS connection per (source identity, destination) carries many streams; a connection
-//! with no stream for `idle_timeout` is closed.
+//! One TLS connection per (source workload, its identity, destination, expected identity)
+//! carries many streams: it is opened from the source workload's own namespace, so the far agent
+//! sees that workload's IP, and a destination IP now owned by another identity gets a connection
+//! of its own. A connection with no stream for `idle_timeout` is closed and its entry removed.
 //!
 //! A stream is usable as soon as `CONNECT` is sent: the caller's first bytes travel with it
 //! instead of a round trip later, and the far agent delivers them only once it has accepted
@@ -29,6 +31,7 @@ use super::tunnel::{self, TunnelReader, TunnelWriter};
 use crate::{
     identity::{self, IdentityStore, SpiffeId, TrustBundle},
     netns::NetNs,
+    state::WorkloadInfo,
 };
 
 /// Port of the HBONE listener on every workload IP (shared with the kernel side, which leaves it
@@ -49,8 +52,10 @@ type Slot = Arc<tokio::sync::Mutex<Option<PooledConnection>>>;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct PoolKey {
+    source_workload: String,
     source: SpiffeId,
     dst: SocketAddr,
+    expected: SpiffeId,
 }
 
 struct PooledConnection {
@@ -129,25 +134,28 @@ impl HboneClient {
         client
     }
 
-    /// Opens a stream to `authority` (the original destination) through the agent listening on
-    /// `dst` (the destination workload's IP, port 15008), which must prove one of `expected`.
+    /// Opens a stream to `authority` (the destination) through the agent listening on `dst`
+    /// (the destination workload's IP, port 15008), which must prove `expected`, for the
+    /// workload `source` (from its namespace `netns`).
     pub async fn open(
         &self,
-        source: &SpiffeId,
+        source: &WorkloadInfo,
         netns: &NetNs,
         dst: SocketAddr,
-        expected: &[SpiffeId],
+        expected: &SpiffeId,
         authority: SocketAddr,
     ) -> Result<HboneStream, HboneError> {
         let key = PoolKey {
-            source: source.clone(),
+            source_workload: source.uid.clone(),
+            source: source.identity.clone(),
             dst,
+            expected: expected.clone(),
         };
         // A pooled connection the far agent is closing (GOAWAY: it is stopping) refuses new
         // streams before its task ends: mark it closed and try once more on a fresh one.
         let mut retried = false;
         loop {
-            let (sender, peer, usage) = self.pooled_sender(&key, netns, expected).await?;
+            let (sender, peer, usage) = self.pooled_sender(&key, netns).await?;
             let request = connect_request(authority)?;
             match open_stream(sender, request, usage.clone()).await {
                 Ok((reader, writer)) => {
@@ -171,7 +179,6 @@ impl HboneClient {
         &self,
         key: &PoolKey,
         netns: &NetNs,
-        expected: &[SpiffeId],
     ) -> Result<(SendRequest<Bytes>, SpiffeId, Arc<Usage>), HboneError> {
         let slot = {
             let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
@@ -184,7 +191,7 @@ impl HboneClient {
         {
             return Ok((conn.sender.clone(), conn.peer.clone(), conn.usage.clone()));
         }
-        let conn = self.establish(key, netns, expected).await?;
+        let conn = self.establish(key, netns).await?;
         let found = (conn.sender.clone(), conn.peer.clone(), conn.usage.clone());
         *slot = Some(conn);
         Ok(found)
@@ -195,7 +202,6 @@ impl HboneClient {
         &self,
         key: &PoolKey,
         netns: &NetNs,
-        expected: &[SpiffeId],
     ) -> Result<PooledConnection, HboneError> {
         let dst = key.dst;
         let socket = netns
@@ -211,7 +217,7 @@ impl HboneClient {
             self.identities.clone(),
             key.source.clone(),
             self.bundle.clone(),
-            expected.to_vec(),
+            vec![key.expected.clone()],
         )
         .map_err(|err| HboneError::Identity(format!("{err:#}")))?;
         let tls = TlsConnector::from(config)
@@ -250,21 +256,25 @@ impl HboneClient {
         })
     }
 
-    /// Drops pooled connections without streams for `idle_timeout`; HTTP/2 closes a connection
-    /// once its last sender and stream are gone.
+    /// Drops pooled connections without streams for `idle_timeout`, and entries without a
+    /// connection, so the pool stays bounded under churn; HTTP/2 closes a connection once its
+    /// last sender and stream are gone.
     fn drop_idle(&self) {
-        let pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-        for slot in pool.values() {
-            let Ok(mut slot) = slot.try_lock() else {
-                continue;
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        pool.retain(|_, slot| {
+            // Busy: someone is connecting or picking this connection right now.
+            let Ok(slot) = slot.try_lock() else {
+                return true;
             };
-            if slot
-                .as_ref()
-                .is_some_and(|c| c.is_idle_for(self.idle_timeout))
-            {
-                *slot = None;
-            }
-        }
+            slot.as_ref().is_some_and(|c| {
+                !c.usage.closed.load(Ordering::Acquire) && !c.is_idle_for(self.idle_timeout)
+            })
+        });
+    }
+
+    /// How many connections the pool holds (the admin API reports it).
+    pub fn pooled_connections(&self) -> usize {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 }
 

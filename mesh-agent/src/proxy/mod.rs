@@ -20,6 +20,32 @@ use std::{net::SocketAddr, time::Duration};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+/// One workload's serving, as its listeners and connections follow it.
+#[derive(Clone, Default)]
+pub struct Lifetime {
+    /// Listeners stop accepting (the agent stops, or the workload goes); HBONE connections say
+    /// GOAWAY and open connections may finish.
+    pub stop: CancellationToken,
+    /// Open connections are reset: the workload is gone, or its namespace was recreated.
+    pub abort: CancellationToken,
+}
+
+impl Lifetime {
+    /// A lifetime that also stops when `agent` does.
+    pub fn within(agent: &CancellationToken) -> Self {
+        Self {
+            stop: agent.child_token(),
+            abort: CancellationToken::new(),
+        }
+    }
+
+    /// Stops accepting and resets what is open.
+    pub fn end(&self) {
+        self.stop.cancel();
+        self.abort.cancel();
+    }
+}
+
 /// Accepts on `listener` until `shutdown`, handling each connection on its own task in
 /// `tracker`; `name` identifies the listener's workload in logs.
 pub(crate) fn accept_loop<F, Fut>(

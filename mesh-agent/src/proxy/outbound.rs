@@ -1,6 +1,7 @@
 //! Outbound: connections captured from a workload, accepted on the agent's listener inside that
 //! workload's network namespace, and forwarded to their original destination: through an HBONE
-//! tunnel when the destination is a mesh workload, as plain TCP otherwise.
+//! tunnel when the destination is a mesh workload or a Service (one of its endpoints), as plain
+//! TCP otherwise.
 //!
 //! Which workload made a call is a kernel fact: the listener that accepted it lives in that
 //! workload's namespace and nowhere else. The source IP is never consulted.
@@ -15,11 +16,12 @@ use std::{
 use anyhow::Context as _;
 use mesh_ebpf_common::OUTBOUND_PORT;
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use super::{
-    hbone::{HBONE_PORT, HboneClient, HboneError},
+    Lifetime,
+    hbone::{HBONE_PORT, HboneClient, HboneError, HboneStream},
     relay::{Transferred, relay, tcp_halves},
     telemetry::{self, Party},
     tunnel::Refused,
@@ -27,9 +29,9 @@ use super::{
 use crate::{
     admin::{Metrics, Reporter, ResponseFlags},
     ebpf::OrigDstTable,
-    identity::{self, SpiffeId, SpiffeIdError},
+    identity::{self, SpiffeId},
     netns::{self, NetNs},
-    workload::{Cluster, Workload},
+    state::{Destination, ServiceInfo, StateStore, WorkloadInfo},
 };
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -42,30 +44,26 @@ pub struct Outbound {
 
 /// The captured workload, as every connection from it needs to know it.
 struct Source {
-    workload: Workload,
-    name: String,
-    identity: SpiffeId,
+    info: Arc<WorkloadInfo>,
     netns: NetNs,
     netns_cookie: u64,
     orig_dst: OrigDstTable,
     mesh: Arc<Mesh>,
+    lifetime: Lifetime,
 }
 
 /// What the outbound side needs to know of the mesh to choose a route.
 pub struct Mesh {
-    pub cluster: Arc<Cluster>,
+    pub state: StateStore,
     pub hbone: Arc<HboneClient>,
     pub metrics: Metrics,
 }
 
-/// How a captured connection reaches its destination.
-#[derive(Debug, PartialEq, Eq)]
-enum Route {
-    /// Through the agent that serves the destination workload, which must prove `expected`.
-    Hbone { via: SocketAddr, expected: SpiffeId },
-    /// Straight to the destination: outside the mesh, or on this node (bytes that never leave
-    /// the node need no encryption).
-    Direct,
+/// A workload a connection may go to through its agent, and the address it is asked for.
+struct Endpoint {
+    workload: Arc<WorkloadInfo>,
+    /// The HBONE `:authority`: the endpoint's IP and the (target) port.
+    authority: SocketAddr,
 }
 
 /// How a relayed connection was secured, for logs (Istio's `connection_security_policy`).
@@ -96,20 +94,22 @@ enum OutboundError {
     Relay(io::Error),
     #[error("hbone: {0}")]
     Hbone(#[from] HboneError),
-    #[error("destination identity: {0}")]
-    Identity(#[from] SpiffeIdError),
+    #[error("service {service} has no ready endpoint for port {port}")]
+    NoEndpoint { service: String, port: u16 },
+    #[error("the workload was removed or restarted")]
+    WorkloadGone,
 }
 
 impl Outbound {
     /// Opens the outbound listeners (IPv4 and IPv6 loopback, port 15001) inside the workload's
     /// network namespace.
     pub fn listen(
-        workload: &Workload,
-        identity: SpiffeId,
+        info: Arc<WorkloadInfo>,
+        netns: NetNs,
         orig_dst: OrigDstTable,
         mesh: Arc<Mesh>,
+        lifetime: Lifetime,
     ) -> anyhow::Result<Self> {
-        let netns = NetNs::open(&workload.netns)?;
         let addrs = [
             SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT)),
             SocketAddr::from((Ipv6Addr::LOCALHOST, OUTBOUND_PORT)),
@@ -119,33 +119,33 @@ impl Outbound {
             let listener = netns
                 .bind(addr)
                 .with_context(|| format!("binding {addr} in {}", netns.path().display()))?;
-            listeners.push(TcpListener::from_std(listener)?);
+            listeners.push(listener);
         }
         let netns_cookie =
             netns::netns_cookie(&listeners[0]).context("reading the workload's netns cookie")?;
         Ok(Self {
             listeners,
             source: Arc::new(Source {
-                workload: workload.clone(),
-                name: workload.qualified_name(),
-                identity,
+                info,
                 netns,
                 netns_cookie,
                 orig_dst,
                 mesh,
+                lifetime,
             }),
         })
     }
 
-    /// Accepts connections until `shutdown`, handling each on its own task in `tracker`.
-    pub fn serve(self, shutdown: &CancellationToken, tracker: &TaskTracker) {
+    /// Accepts connections until the workload's listeners stop, handling each on its own task
+    /// in `tracker`.
+    pub fn serve(self, tracker: &TaskTracker) {
         for listener in self.listeners {
             let source = self.source.clone();
             let handle_from = move |conn, peer| handle(conn, peer, source.clone());
             super::accept_loop(
                 listener,
-                self.source.name.clone(),
-                shutdown,
+                self.source.info.uid.clone(),
+                &self.source.lifetime.stop,
                 tracker,
                 handle_from,
             );
@@ -155,7 +155,7 @@ impl Outbound {
 
 async fn handle(mut conn: TcpStream, peer: SocketAddr, source: Arc<Source>) {
     let started = Instant::now();
-    let mut log = ConnectionLog::new(&source.name, started);
+    let mut log = ConnectionLog::new(&source.info.uid, started);
     let Some(dst) = source.orig_dst.take(source.netns_cookie, peer) else {
         log.closed(Err(&OutboundError::NoOriginalDestination));
         reset(conn);
@@ -163,18 +163,71 @@ async fn handle(mut conn: TcpStream, peer: SocketAddr, source: Arc<Source>) {
     };
     log.dst = Some(dst);
     let _ = conn.set_nodelay(true);
-    let result = match source.mesh.route(dst) {
-        Ok(Route::Hbone { via, expected }) => {
-            forward_hbone(&mut conn, dst, via, expected, &source, &mut log).await
+    let state = source.mesh.state.load();
+    let forwarded = async {
+        match state.destination(dst) {
+            Destination::Workload(workload) => {
+                let endpoint = Endpoint {
+                    workload: workload.clone(),
+                    authority: dst,
+                };
+                forward_hbone(&mut conn, vec![endpoint], &source, &mut log).await
+            }
+            Destination::Service {
+                service,
+                target_port,
+            } => {
+                log.service = Some(service.clone());
+                match target_port.map(|port| endpoints_of(service, dst, port)) {
+                    Some(endpoints) if !endpoints.is_empty() => {
+                        forward_hbone(&mut conn, endpoints, &source, &mut log).await
+                    }
+                    _ => Err(OutboundError::NoEndpoint {
+                        service: service.uid.clone(),
+                        port: dst.port(),
+                    }),
+                }
+            }
+            Destination::Outside => forward_direct(&mut conn, dst, &source, &mut log).await,
         }
-        Ok(Route::Direct) => forward_direct(&mut conn, dst, &source, &mut log).await,
-        Err(err) => Err(err.into()),
+    };
+    let result = tokio::select! {
+        result = forwarded => result,
+        () = source.lifetime.abort.cancelled() => Err(OutboundError::WorkloadGone),
     };
     log.closed(result.as_ref().map(|_| ()));
-    record_metrics(&source, dst, &log, &result);
+    record_metrics(&source, &log, &result);
     if result.is_err() {
         reset(conn);
     }
+}
+
+/// The Service's endpoints for a connection to `dst`, in the order to try them: from the next
+/// one in turn (connections are spread evenly), then the others in case that one fails.
+fn endpoints_of(service: &ServiceInfo, dst: SocketAddr, target_port: u16) -> Vec<Endpoint> {
+    let endpoints = &service.endpoints;
+    if endpoints.is_empty() {
+        return Vec::new();
+    }
+    let first = service.next_endpoint() % endpoints.len();
+    endpoints
+        .iter()
+        .cycle()
+        .skip(first)
+        .take(endpoints.len())
+        .map(|workload| {
+            let ip = workload
+                .workload
+                .ips
+                .iter()
+                .find(|ip| ip.is_ipv4() == dst.is_ipv4())
+                .unwrap_or(&workload.workload.ips[0]);
+            Endpoint {
+                workload: workload.clone(),
+                authority: SocketAddr::new(*ip, target_port),
+            }
+        })
+        .collect()
 }
 
 /// Connects to the original destination from inside the workload's namespace (so the far end
@@ -199,33 +252,65 @@ async fn forward_direct(
     result.map_err(OutboundError::Relay)
 }
 
+/// Through the agent of the first endpoint that answers, within the connect timeout: a
+/// Service's endpoint whose node cannot be reached is skipped.
 async fn forward_hbone(
     conn: &mut TcpStream,
-    dst: SocketAddr,
-    via: SocketAddr,
-    expected: SpiffeId,
+    endpoints: Vec<Endpoint>,
     source: &Source,
     log: &mut ConnectionLog<'_>,
 ) -> Result<(), OutboundError> {
-    let stream = source
-        .mesh
-        .hbone
-        .open(
-            &source.identity,
+    let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+    let mut last_error = None;
+    let mut opened = None;
+    for endpoint in endpoints {
+        let via = SocketAddr::new(endpoint.authority.ip(), HBONE_PORT);
+        let open = source.mesh.hbone.open(
+            &source.info,
             &source.netns,
             via,
-            std::slice::from_ref(&expected),
-            dst,
-        )
-        .await?;
+            &endpoint.workload.identity,
+            endpoint.authority,
+        );
+        match tokio::time::timeout_at(deadline, open).await {
+            Ok(Ok(stream)) => {
+                opened = Some((endpoint, stream));
+                break;
+            }
+            Ok(Err(err)) => {
+                warn!(src_workload = %source.info.uid, endpoint = %endpoint.authority, error = %err, "endpoint unreachable; trying the next");
+                last_error = Some(err);
+            }
+            Err(_) => {
+                last_error = Some(HboneError::ConnectTimeout { dst: via });
+                break;
+            }
+        }
+    }
+    let Some((endpoint, stream)) = opened else {
+        return Err(last_error.map(OutboundError::Hbone).unwrap_or(
+            OutboundError::ConnectTimeout {
+                dst: log
+                    .dst
+                    .unwrap_or(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))),
+            },
+        ));
+    };
+    let HboneStream {
+        reader,
+        writer,
+        peer,
+    } = stream;
     log.security = Security::MutualTls;
-    log.peer_identity = Some(stream.peer.clone());
-    let (transferred, result) = relay(tcp_halves(conn), (stream.reader, stream.writer)).await;
+    log.peer_identity = Some(peer);
+    let authority = endpoint.authority;
+    log.endpoint = Some(endpoint);
+    let (transferred, result) = relay(tcp_halves(conn), (reader, writer)).await;
     log.transferred = transferred;
     result.map_err(|err| match Refused::status_of(&err) {
         Some(status) => OutboundError::Hbone(HboneError::Refused {
-            dst: via,
-            authority: dst,
+            dst: SocketAddr::new(authority.ip(), HBONE_PORT),
+            authority,
             status,
         }),
         None => OutboundError::Relay(err),
@@ -233,28 +318,32 @@ async fn forward_hbone(
 }
 
 /// Istio's TCP metrics for the connection, reported by the source side.
-fn record_metrics(
-    source: &Source,
-    dst: SocketAddr,
-    log: &ConnectionLog<'_>,
-    result: &Result<(), OutboundError>,
-) {
-    let destination = source.mesh.cluster.workload_by_ip(dst.ip());
+fn record_metrics(source: &Source, log: &ConnectionLog<'_>, result: &Result<(), OutboundError>) {
+    let destination = match (&log.endpoint, log.dst) {
+        (Some(endpoint), _) => Some(endpoint.workload.clone()),
+        (None, Some(dst)) => source.mesh.state.load().workload_by_ip(dst.ip()).cloned(),
+        (None, None) => None,
+    };
     let mut labels = telemetry::connection_labels(
         Reporter::Source,
         Party {
-            workload: Some(&source.workload),
-            principal: Some(&source.identity),
+            workload: Some(&source.info.workload),
+            principal: Some(&source.info.identity),
         },
         Party {
-            workload: destination.map(|(_, workload)| workload),
+            workload: destination.as_ref().map(|w| &w.workload),
             principal: log.peer_identity.as_ref(),
         },
         matches!(log.security, Security::MutualTls),
     );
+    if let Some(service) = &log.service {
+        labels.destination_service = service.hostname.clone();
+    }
     let flags = match result {
         Ok(()) => ResponseFlags::None,
         Err(OutboundError::Relay(_)) => ResponseFlags::UpstreamTermination,
+        Err(OutboundError::NoEndpoint { .. }) => ResponseFlags::NoHealthyUpstream,
+        Err(OutboundError::WorkloadGone) => ResponseFlags::DownstreamTermination,
         Err(_) => ResponseFlags::UpstreamConnectFailure,
     };
     source.mesh.metrics.connection_opened(&labels);
@@ -273,18 +362,6 @@ impl OutboundError {
     }
 }
 
-impl Mesh {
-    fn route(&self, dst: SocketAddr) -> Result<Route, SpiffeIdError> {
-        Ok(match self.cluster.workload_by_ip(dst.ip()) {
-            Some((_, workload)) => Route::Hbone {
-                via: SocketAddr::new(dst.ip(), HBONE_PORT),
-                expected: workload.spiffe_id(&self.cluster.trust_domain)?,
-            },
-            None => Route::Direct,
-        })
-    }
-}
-
 /// A failed connection ends with a reset, as it would have without the mesh, never with a
 /// clean close the client could mistake for a complete response.
 fn reset(conn: TcpStream) {
@@ -296,6 +373,10 @@ fn reset(conn: TcpStream) {
 struct ConnectionLog<'a> {
     src_workload: &'a str,
     dst: Option<SocketAddr>,
+    /// The Service the destination is a virtual IP of.
+    service: Option<Arc<ServiceInfo>>,
+    /// The workload the connection went to, when through HBONE.
+    endpoint: Option<Endpoint>,
     security: Security,
     peer_identity: Option<SpiffeId>,
     transferred: Transferred,
@@ -307,6 +388,8 @@ impl<'a> ConnectionLog<'a> {
         Self {
             src_workload,
             dst: None,
+            service: None,
+            endpoint: None,
             security: Security::None,
             peer_identity: None,
             transferred: Transferred::default(),
@@ -324,11 +407,15 @@ impl<'a> ConnectionLog<'a> {
             .map_or_else(|| "unknown".to_owned(), ToString::to_string);
         let duration_ms = self.started.elapsed().as_millis() as u64;
         let (src_workload, security) = (self.src_workload, self.security.as_str());
+        let service = self.service.as_ref().map(|s| s.uid.as_str());
+        let endpoint = self.endpoint.as_ref().map(|e| e.authority.to_string());
         let (bytes_sent, bytes_received) = (self.transferred.sent, self.transferred.received);
         match result {
             Ok(()) => info!(
                 src_workload,
                 dst,
+                service,
+                endpoint,
                 security,
                 peer_identity,
                 bytes_sent,
@@ -337,7 +424,7 @@ impl<'a> ConnectionLog<'a> {
                 "connection closed"
             ),
             Err(error) => warn!(
-                src_workload, dst, security, peer_identity, bytes_sent, bytes_received, duration_ms,
+                src_workload, dst, service, endpoint, security, peer_identity, bytes_sent, bytes_received, duration_ms,
                 rejection = error.rejection(),
                 error = %error,
                 "connection closed"

@@ -103,12 +103,16 @@ async fn serve_streams(
         .max_concurrent_streams(tunnel::MAX_CONCURRENT_STREAMS)
         .handshake::<_, Bytes>(tls)
         .await?;
-    let shutdown = target.context.shutdown.clone();
+    let (stop, abort) = (target.lifetime.stop.clone(), target.lifetime.abort.clone());
     let mut draining = false;
     loop {
         let accepted = tokio::select! {
             accepted = connection.accept() => accepted,
-            _ = shutdown.cancelled(), if !draining => {
+            _ = abort.cancelled() => {
+                connection.abrupt_shutdown(h2::Reason::CANCEL);
+                return Ok(());
+            }
+            _ = stop.cancelled(), if !draining => {
                 connection.graceful_shutdown();
                 draining = true;
                 continue;

@@ -34,6 +34,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 use super::{
+    Lifetime,
     hbone::HBONE_PORT,
     relay::{ChunkRead, ChunkWrite, relay, tcp_halves},
     telemetry::{self, Party},
@@ -43,7 +44,7 @@ use crate::{
     identity::SpiffeId,
     netns::NetNs,
     policy::{ConnectionAttrs, Decision, MtlsMode, PolicySet, WorkloadRef},
-    workload::{Cluster, Workload},
+    state::{StateStore, WorkloadInfo},
 };
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -59,22 +60,20 @@ pub struct Inbound {
 /// What the inbound side of every local workload shares.
 #[derive(Clone)]
 pub struct InboundContext {
-    pub cluster: Arc<Cluster>,
+    pub state: StateStore,
     pub policy: watch::Receiver<Arc<PolicySet>>,
     pub metrics: Metrics,
-    /// Cancelled when the agent stops: HBONE connections then say GOAWAY and drain.
-    pub shutdown: CancellationToken,
 }
 
 /// What every inbound connection to the workload needs.
 struct Target {
     name: String,
-    workload: Workload,
-    identity: SpiffeId,
+    info: Arc<WorkloadInfo>,
     netns: NetNs,
     tls: TlsAcceptor,
     active: ActiveConnections,
     context: InboundContext,
+    lifetime: Lifetime,
 }
 
 /// How a connection reached the agent, and so what policy may know of its source.
@@ -100,19 +99,19 @@ impl Inbound {
     /// Binds port 15008 on every IP of the workload and the plaintext capture port on the
     /// dual-stack wildcard address, inside its namespace.
     pub fn listen(
-        workload: &Workload,
-        identity: SpiffeId,
+        info: Arc<WorkloadInfo>,
+        netns: NetNs,
         tls: Arc<rustls::ServerConfig>,
         context: InboundContext,
+        lifetime: Lifetime,
     ) -> anyhow::Result<Self> {
-        let netns = NetNs::open(&workload.netns)?;
         let bind = |addr: SocketAddr| -> anyhow::Result<TcpListener> {
-            let listener = netns
+            netns
                 .bind(addr)
-                .with_context(|| format!("binding {addr} in {}", netns.path().display()))?;
-            Ok(TcpListener::from_std(listener)?)
+                .with_context(|| format!("binding {addr} in {}", netns.path().display()))
         };
-        let hbone_listeners = workload
+        let hbone_listeners = info
+            .workload
             .ips
             .iter()
             .map(|ip| bind(SocketAddr::new(*ip, HBONE_PORT)))
@@ -125,13 +124,13 @@ impl Inbound {
             hbone_listeners,
             plaintext_listener,
             target: Arc::new(Target {
-                name: workload.qualified_name(),
-                workload: workload.clone(),
-                identity,
+                name: info.uid.clone(),
+                info,
                 netns,
                 tls: TlsAcceptor::from(tls),
                 active: ActiveConnections::default(),
                 context,
+                lifetime,
             }),
         })
     }
@@ -146,7 +145,7 @@ impl Inbound {
     }
 
     pub fn serve(self, tracker: &TaskTracker) {
-        let shutdown = &self.target.context.shutdown.clone();
+        let shutdown = &self.target.lifetime.stop.clone();
         for listener in self.hbone_listeners {
             accept_loop(
                 listener,
@@ -186,26 +185,27 @@ fn accept_loop<F, Fut>(
 impl Target {
     fn mtls_mode(&self, port: u16) -> MtlsMode {
         let policy = self.context.policy.borrow().clone();
-        policy.mtls_mode(&WorkloadRef::from(&self.workload), port)
+        policy.mtls_mode(&WorkloadRef::from(&self.info.workload), port)
     }
 
     fn authorize(&self, caller: &Caller, dst: SocketAddr) -> Decision {
         let policy = self.context.policy.borrow().clone();
-        policy.authorize(&WorkloadRef::from(&self.workload), &caller.attrs(dst))
+        policy.authorize(&WorkloadRef::from(&self.info.workload), &caller.attrs(dst))
     }
 
     /// Istio's labels for a connection from `caller`, reported by this (the destination) side.
     fn labels_for(&self, caller: &Caller) -> ConnectionLabels {
-        let source = self.context.cluster.workload_by_ip(caller.addr.ip());
+        let state = self.context.state.load();
+        let source = state.workload_by_ip(caller.addr.ip());
         telemetry::connection_labels(
             Reporter::Destination,
             Party {
-                workload: source.map(|(_, workload)| workload),
+                workload: source.map(|w| &w.workload),
                 principal: caller.identity.as_ref(),
             },
             Party {
-                workload: Some(&self.workload),
-                principal: Some(&self.identity),
+                workload: Some(&self.info.workload),
+                principal: Some(&self.info.identity),
             },
             caller.identity.is_some(),
         )
@@ -230,10 +230,7 @@ impl Target {
     }
 
     fn owns(&self, ip: IpAddr) -> bool {
-        self.workload
-            .ips
-            .iter()
-            .any(|own| own.to_canonical() == ip.to_canonical())
+        self.info.owns(ip)
     }
 }
 
@@ -336,6 +333,7 @@ async fn deliver<R: ChunkRead, W: ChunkWrite>(
             (transferred, result.err().map(|e| e.to_string()), flags)
         }
         _ = revoked.cancelled() => (Default::default(), Some("revoked by a policy change".to_owned()), ResponseFlags::Denied),
+        _ = target.lifetime.abort.cancelled() => (Default::default(), Some("the workload was removed or restarted".to_owned()), ResponseFlags::UpstreamTermination),
     };
     target
         .active

@@ -1,7 +1,11 @@
-//! One node's agent: install capture, enrol the node's workloads, serve until told to stop.
+//! One node's agent: install capture, follow the node's workloads, serve until told to stop.
+//!
+//! - this module: start-up, the main loop, shutdown;
+//! - [`reconcile`]: each local workload's lifecycle.
+
+mod reconcile;
 
 use std::{
-    collections::HashSet,
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -11,6 +15,7 @@ use anyhow::Context as _;
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::watch,
+    time::MissedTickBehavior,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{error, info, warn};
@@ -18,18 +23,20 @@ use tracing::{error, info, warn};
 use crate::{
     admin::{AdminConfig, AdminServer, AdminState, Metrics},
     ebpf::{self, Capture},
-    identity::{CertificateAuthority, IdentityStore, SpiffeId, TrustBundle, server_config},
+    identity::{CertificateAuthority, IdentityStore, TrustBundle},
     netns,
     policy::{PolicySet, PolicyWatcher},
-    proxy::{
-        hbone::HboneClient,
-        inbound::{Inbound, InboundContext},
-        outbound::{Mesh, Outbound},
-    },
-    workload::{Cluster, IdentityConfig, Node, Workload},
+    proxy::{hbone::HboneClient, inbound::InboundContext, outbound::Mesh},
+    sources::{CLUSTER_FILE_POLL_INTERVAL, ClusterFileSource},
+    state::{State, StateStore},
+    workload::{Cluster, IdentityConfig},
 };
+use reconcile::Reconciler;
 
 const POLICY_POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// How often the node's workloads are looked at for recreated namespaces and cgroups (the
+/// kernel guard keeps them closed meanwhile).
+const RECONCILE_INTERVAL: Duration = Duration::from_millis(200);
 
 pub struct Config {
     pub cluster_file: PathBuf,
@@ -47,8 +54,9 @@ pub struct Config {
 /// refused) until an agent runs again; `mesh-agent uninstall` removes them for good.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     netns::remember_home()?;
-    let cluster = Arc::new(Cluster::load(&config.cluster_file)?);
-    let node = cluster.node(&config.node, &config.cluster_file)?;
+    let store = StateStore::new(ClusterFileSource::load(&config.cluster_file, &config.node)?);
+    let state = store.load();
+    let node = state.node();
     let pin_dir = config
         .bpf_pin_dir
         .clone()
@@ -56,60 +64,64 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let (identities, bundle) = start_identities(&cluster, node, &shutdown)?;
+    let (identities, bundle) = start_identities(&state.cluster, &shutdown)?;
 
     let mut capture = Capture::install(&pin_dir, &node.workload_cgroup)
         .context("installing the capture programs")?;
     capture.set_excluded_ports(&node.excluded_ports)?;
 
     let metrics = Metrics::new();
-    let policy = start_policy(&cluster, &shutdown)?;
-    let admin = start_admin(
-        &config,
-        &metrics,
-        &cluster,
-        node,
-        &identities,
-        &policy,
-        &shutdown,
-    )
-    .await?;
-    let node_context = NodeContext {
+    let policy = start_policy(&state.cluster, &shutdown)?;
+    let admin = start_admin(&config, &metrics, &store, &identities, &policy, &shutdown).await?;
+    let context = Arc::new(NodeContext {
         mesh: Arc::new(Mesh {
-            cluster: cluster.clone(),
+            state: store.clone(),
             hbone: HboneClient::new(
                 identities.clone(),
                 bundle.clone(),
-                cluster.hbone.idle_timeout,
+                state.cluster.hbone.idle_timeout,
             ),
             metrics: metrics.clone(),
         }),
         identities,
         bundle,
         inbound: InboundContext {
-            cluster: cluster.clone(),
+            state: store.clone(),
             policy,
             metrics: metrics.clone(),
-            shutdown: shutdown.clone(),
         },
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),
-    };
-    let enrolled = enrol_workloads(node, &mut capture, &node_context);
-    capture.retain_enrolled(&enrolled)?;
-    let local_ips: Vec<_> = node.workloads.iter().flat_map(|w| w.ips.clone()).collect();
-    capture.retain_inbound(&local_ips)?;
-    metrics.set_workloads(enrolled.len());
-    admin.set_ready(true);
-    info!(
-        node = %node.name,
-        workloads = enrolled.len(),
-        pin_dir = %pin_dir.display(),
-        "agent ready"
+    });
+    let mut changes = store.subscribe();
+    ClusterFileSource::spawn(
+        &config.cluster_file,
+        &config.node,
+        store.clone(),
+        CLUSTER_FILE_POLL_INTERVAL,
+        shutdown.clone(),
     );
+    let mut reconciler = Reconciler::new(capture, context.clone());
+    reconciler.start(&state)?;
+    drop(state);
+    let mut readiness = Readiness::new(admin.clone(), metrics.clone(), pin_dir.clone());
+    readiness.report(&reconciler);
 
-    wait_for_stop_signal().await?;
-    admin.set_ready(false);
+    let mut ticks = tokio::time::interval(RECONCILE_INTERVAL);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let stop = wait_for_stop_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            stopped = &mut stop => { stopped?; break; }
+            _ = changes.changed() => {}
+            _ = ticks.tick() => {}
+        }
+        let state = changes.borrow_and_update().clone();
+        reconciler.sync(&state);
+        readiness.report(&reconciler);
+    }
+    admin.set_not_ready(vec!["stopping".to_owned()]);
     info!("stopping: closing listeners and draining connections");
     shutdown.cancel();
     tracker.close();
@@ -129,8 +141,52 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Readiness follows the reconciler: ready once every local workload is served, with the reasons
+/// on `/healthz/ready` otherwise; `agent ready` is logged each time it becomes ready.
+struct Readiness {
+    admin: AdminState,
+    metrics: Metrics,
+    pin_dir: PathBuf,
+    ready: Option<bool>,
+}
+
+impl Readiness {
+    fn new(admin: AdminState, metrics: Metrics, pin_dir: PathBuf) -> Self {
+        Self {
+            admin,
+            metrics,
+            pin_dir,
+            ready: None,
+        }
+    }
+
+    fn report(&mut self, reconciler: &Reconciler) {
+        let unserved = reconciler.unserved();
+        let ready = unserved.is_empty();
+        self.metrics.set_workloads(reconciler.served_count());
+        if self.ready == Some(ready) {
+            if !ready {
+                self.admin.set_not_ready(unserved);
+            }
+            return;
+        }
+        self.ready = Some(ready);
+        if ready {
+            info!(
+                workloads = reconciler.served_count(),
+                guarded_ips = reconciler.guarded_count(),
+                pin_dir = %self.pin_dir.display(),
+                "agent ready"
+            );
+        } else {
+            warn!(unserved = ?unserved, "agent not ready: workloads not served (their IPs stay guarded)");
+        }
+        self.admin.set_not_ready(unserved);
+    }
+}
+
 /// What every workload's listeners share.
-struct NodeContext {
+pub(crate) struct NodeContext {
     mesh: Arc<Mesh>,
     identities: IdentityStore,
     bundle: TrustBundle,
@@ -144,16 +200,14 @@ struct NodeContext {
 async fn start_admin(
     config: &Config,
     metrics: &Metrics,
-    cluster: &Arc<Cluster>,
-    node: &Node,
+    store: &StateStore,
     identities: &IdentityStore,
     policy: &watch::Receiver<Arc<PolicySet>>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<AdminState> {
     let dump = {
-        let (cluster, node_name) = (cluster.clone(), node.name.clone());
-        let (identities, policy) = (identities.clone(), policy.clone());
-        move || config_dump(&cluster, &node_name, &identities, &policy.borrow())
+        let (store, identities, policy) = (store.clone(), identities.clone(), policy.clone());
+        move || config_dump(&store.load(), &identities, &policy.borrow())
     };
     let state = AdminState::new(metrics.clone(), dump);
     let server = AdminServer::bind(&config.admin).await?;
@@ -166,25 +220,32 @@ async fn start_admin(
     Ok(state)
 }
 
-/// What the agent serves, for `GET /config_dump`: workloads, certificates, policies.
-fn config_dump(
-    cluster: &Cluster,
-    node: &crate::workload::Name,
-    identities: &IdentityStore,
-    policy: &PolicySet,
-) -> serde_json::Value {
-    let workloads: Vec<_> = cluster
-        .nodes
+/// What the agent serves, for `GET /config_dump`: workloads, services, certificates, policies.
+fn config_dump(state: &State, identities: &IdentityStore, policy: &PolicySet) -> serde_json::Value {
+    let workloads: Vec<_> = state
+        .local_workloads()
         .iter()
-        .filter(|n| &n.name == node)
-        .flat_map(|n| &n.workloads)
         .map(|w| {
             serde_json::json!({
-                "name": w.qualified_name(),
-                "serviceAccount": w.service_account.as_str(),
-                "ips": w.ips,
-                "netns": w.netns,
-                "cgroup": w.cgroup,
+                "name": w.uid,
+                "serviceAccount": w.workload.service_account.as_str(),
+                "identity": w.identity.to_string(),
+                "ips": w.workload.ips,
+                "netns": w.workload.netns,
+                "cgroup": w.workload.cgroup,
+            })
+        })
+        .collect();
+    let services: Vec<_> = state
+        .services()
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "name": s.uid,
+                "hostname": s.hostname,
+                "addresses": s.service.addresses,
+                "ports": s.service.ports.iter().map(|p| serde_json::json!({"port": p.port, "targetPort": p.target()})).collect::<Vec<_>>(),
+                "endpoints": s.endpoints.iter().map(|e| e.uid.as_str()).collect::<Vec<_>>(),
             })
         })
         .collect();
@@ -201,9 +262,10 @@ fn config_dump(
         })
         .collect();
     serde_json::json!({
-        "node": node.as_str(),
-        "trustDomain": cluster.trust_domain.as_str(),
+        "node": state.node().name.as_str(),
+        "trustDomain": state.cluster.trust_domain.as_str(),
         "workloads": workloads,
+        "services": services,
         "certificates": certificates,
         "policy": {
             "files": policy.files(),
@@ -227,11 +289,9 @@ fn start_policy(
     }
 }
 
-/// Loads the CA and the trust bundle, issues a certificate to every identity of the node's
-/// workloads, and keeps them renewed.
+/// Loads the CA and the trust bundle, and keeps the certificates the reconciler issues renewed.
 fn start_identities(
     cluster: &Cluster,
-    node: &Node,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<(IdentityStore, TrustBundle)> {
     let IdentityConfig {
@@ -247,75 +307,8 @@ fn start_identities(
     }
     .context("loading the trust bundle")?;
     let identities = IdentityStore::new(Arc::new(ca), *certificate_lifetime);
-    let ids: anyhow::Result<Vec<SpiffeId>> = node
-        .workloads
-        .iter()
-        .map(|w| Ok(w.spiffe_id(&cluster.trust_domain)?))
-        .collect();
-    identities.issue_all(ids?)?;
     identities.clone().spawn_renewal(shutdown.clone());
     Ok((identities, bundle))
-}
-
-/// Opens each workload's listeners, then captures its cgroup. A workload whose namespace cannot
-/// be entered is still captured when its cgroup exists: its connections fail rather than leave
-/// the mesh unnoticed.
-fn enrol_workloads(node: &Node, capture: &mut Capture, context: &NodeContext) -> HashSet<u64> {
-    let mut enrolled = HashSet::new();
-    for workload in &node.workloads {
-        let name = workload.qualified_name();
-        if let Err(err) = serve_workload(workload, capture, context) {
-            error!(
-                workload = %name,
-                error = format!("{err:#}"),
-                "cannot open the workload's listeners; its connections will be refused"
-            );
-        }
-        match capture.enroll(&workload.cgroup) {
-            Ok(id) => {
-                info!(workload = %name, cgroup = %workload.cgroup.display(), cgroup_id = id, "workload enrolled");
-                enrolled.insert(id);
-            }
-            Err(err) => error!(
-                workload = %name,
-                error = format!("{err:#}"),
-                "cannot enrol the workload; its connections are not captured"
-            ),
-        }
-    }
-    enrolled
-}
-
-/// Outbound listeners (captured connections), inbound HBONE listeners (the workload's IPs, port
-/// 15008) and inbound plaintext listeners (15006, fed by `sk_lookup`), all inside the workload's
-/// namespace; inbound capture starts once they listen.
-fn serve_workload(
-    workload: &Workload,
-    capture: &mut Capture,
-    context: &NodeContext,
-) -> anyhow::Result<()> {
-    let trust_domain = &context.mesh.cluster.trust_domain;
-    let identity = workload.spiffe_id(trust_domain)?;
-    let outbound = Outbound::listen(
-        workload,
-        identity.clone(),
-        capture.orig_dst_table(),
-        context.mesh.clone(),
-    )?;
-    let identity_for_inbound = identity.clone();
-    let tls = server_config(
-        context.identities.clone(),
-        identity,
-        context.bundle.clone(),
-        trust_domain.as_str(),
-    )?;
-    let inbound = Inbound::listen(workload, identity_for_inbound, tls, context.inbound.clone())?;
-    capture
-        .capture_inbound(inbound.netns(), &workload.ips, inbound.plaintext_listener())
-        .context("capturing inbound connections")?;
-    outbound.serve(&context.shutdown, &context.tracker);
-    inbound.serve(&context.tracker);
-    Ok(())
 }
 
 async fn wait_for_stop_signal() -> anyhow::Result<()> {
