@@ -31,7 +31,6 @@ use super::tunnel::{self, TunnelReader, TunnelWriter};
 use crate::{
     identity::{self, IdentityStore, SpiffeId, TrustBundle},
     netns::NetNs,
-    state::WorkloadInfo,
 };
 
 /// Port of the HBONE listener on every workload IP (shared with the kernel side, which leaves it
@@ -136,18 +135,18 @@ impl HboneClient {
 
     /// Opens a stream to `authority` (the destination) through the agent listening on `dst`
     /// (the destination workload's IP, port 15008), which must prove `expected`, for the
-    /// workload `source` (from its namespace `netns`).
+    /// workload named `source_workload` with identity `source` (from its namespace `netns`).
     pub async fn open(
         &self,
-        source: &WorkloadInfo,
+        (source_workload, source): (&str, &SpiffeId),
         netns: &NetNs,
         dst: SocketAddr,
         expected: &SpiffeId,
         authority: SocketAddr,
     ) -> Result<HboneStream, HboneError> {
         let key = PoolKey {
-            source_workload: source.uid.clone(),
-            source: source.identity.clone(),
+            source_workload: source_workload.to_owned(),
+            source: source.clone(),
             dst,
             expected: expected.clone(),
         };

@@ -266,7 +266,7 @@ async fn forward_hbone(
     for endpoint in endpoints {
         let via = SocketAddr::new(endpoint.authority.ip(), HBONE_PORT);
         let open = source.mesh.hbone.open(
-            &source.info,
+            (&source.info.uid, &source.info.identity),
             &source.netns,
             via,
             &endpoint.workload.identity,
