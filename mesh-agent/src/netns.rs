@@ -67,6 +67,13 @@ impl NetNs {
         Ok(socket.listen(LISTEN_BACKLOG)?)
     }
 
+    /// Lets the kernel hand connections waiting on a closing listener to another listener of
+    /// its `SO_REUSEPORT` group (`net.ipv4.tcp_migrate_req`, Linux 5.14): when an old agent
+    /// closes its listeners during an upgrade, the new one accepts what was queued.
+    pub fn migrate_queued_connections(&self) -> io::Result<()> {
+        self.inside(|| std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1"))?
+    }
+
     /// Creates an unconnected TCP socket inside this namespace, for connecting to `dst`.
     pub fn tcp_socket_for(&self, dst: &SocketAddr) -> io::Result<TcpSocket> {
         self.inside(|| match dst {

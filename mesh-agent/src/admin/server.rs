@@ -155,14 +155,23 @@ pub struct AdminServer {
 
 impl AdminServer {
     pub async fn bind(config: &AdminConfig) -> Result<Self, AdminError> {
+        /// With `SO_REUSEPORT`: during an upgrade the new agent serves beside the old one.
         async fn listen(endpoint: Endpoint, addr: SocketAddr) -> Result<TcpListener, AdminError> {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| AdminError::Bind {
-                    endpoint,
-                    addr,
-                    source,
-                })
+            let bind = || -> io::Result<TcpListener> {
+                let socket = match addr {
+                    SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                    SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+                };
+                socket.set_reuseaddr(true)?;
+                socket.set_reuseport(true)?;
+                socket.bind(addr)?;
+                socket.listen(1024)
+            };
+            bind().map_err(|source| AdminError::Bind {
+                endpoint,
+                addr,
+                source,
+            })
         }
         fn local(
             endpoint: Endpoint,

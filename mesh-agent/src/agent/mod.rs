@@ -62,6 +62,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| ebpf::default_pin_dir(node.name.as_str()));
 
+    let _running = NodeLock::shared(&pin_dir)?;
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     let (identities, bundle) = start_identities(&state.cluster, &shutdown)?;
@@ -321,9 +322,55 @@ async fn wait_for_stop_signal() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Removes the node's pinned programs and maps.
+/// Removes the node's pinned programs and maps; refused while an agent runs for the node, and
+/// when nothing is installed there (a mistyped node name).
 pub fn uninstall(pin_dir: &Path) -> anyhow::Result<()> {
+    if !pin_dir.exists() {
+        anyhow::bail!(
+            "nothing is installed at {} (is the node name right?)",
+            pin_dir.display()
+        );
+    }
+    let _exclusive = NodeLock::exclusive(pin_dir)?;
     ebpf::uninstall(pin_dir)?;
     info!(pin_dir = %pin_dir.display(), "capture removed; workloads connect directly");
     Ok(())
+}
+
+/// Every agent of a node holds this lock shared for its whole run (two do during an upgrade);
+/// `uninstall` needs it exclusively, so it cannot pull the capture from under a running agent.
+/// It lives in /run, next to no pinned state, because bpffs holds no regular files.
+struct NodeLock(#[allow(dead_code)] nix::fcntl::Flock<std::fs::File>);
+
+const LOCK_DIR: &str = "/run/mesh-agent";
+
+impl NodeLock {
+    fn shared(pin_dir: &Path) -> anyhow::Result<Self> {
+        Self::take(pin_dir, nix::fcntl::FlockArg::LockSharedNonblock)
+            .context("an uninstall is running for this node")
+    }
+
+    fn exclusive(pin_dir: &Path) -> anyhow::Result<Self> {
+        Self::take(pin_dir, nix::fcntl::FlockArg::LockExclusiveNonblock).with_context(|| {
+            format!(
+                "an agent is running for {}: stop it first",
+                pin_dir.display()
+            )
+        })
+    }
+
+    fn take(pin_dir: &Path, how: nix::fcntl::FlockArg) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(LOCK_DIR).with_context(|| format!("creating {LOCK_DIR}"))?;
+        let name = pin_dir.display().to_string().replace('/', "_");
+        let path = Path::new(LOCK_DIR).join(format!("{name}.lock"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        let lock = nix::fcntl::Flock::lock(file, how)
+            .map_err(|(_, errno)| anyhow::anyhow!("{}: {errno}", path.display()))?;
+        Ok(Self(lock))
+    }
 }

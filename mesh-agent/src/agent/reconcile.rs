@@ -285,6 +285,9 @@ fn serve(
     if inode != expected_inode {
         anyhow::bail!("the network namespace was recreated while opening it");
     }
+    if let Err(err) = netns.migrate_queued_connections() {
+        warn!(workload = %info.uid, error = %err, "cannot set tcp_migrate_req; an upgrade may reset queued connections");
+    }
     context
         .identities
         .add(&info.identity)
