@@ -212,6 +212,17 @@ impl WorkloadInfo {
         })
     }
 
+    /// Whether `other` is served by the same listeners, capture and certificate: it differs at
+    /// most in its labels, which policy and metrics read from the state when they need them.
+    pub fn serves_like(&self, other: &WorkloadInfo) -> bool {
+        let (a, b) = (&self.workload, &other.workload);
+        self.uid == other.uid
+            && self.identity == other.identity
+            && a.ips == b.ips
+            && a.netns == b.netns
+            && a.cgroup == b.cgroup
+    }
+
     pub fn owns(&self, ip: IpAddr) -> bool {
         self.workload
             .ips

@@ -112,6 +112,10 @@ pub struct HboneConfig {
     /// A pooled connection without streams for this long is closed.
     #[serde(default = "default_idle_timeout", with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Streams this agent's HBONE server allows on one connection (`SETTINGS_MAX_CONCURRENT_STREAMS`);
+    /// clients open another connection beyond it. Read at start.
+    #[serde(default = "default_max_concurrent_streams")]
+    pub max_concurrent_streams: u32,
 }
 
 /// Where Istio security policies are read from (docs/policy.md).
@@ -143,6 +147,7 @@ impl Default for HboneConfig {
     fn default() -> Self {
         Self {
             idle_timeout: DEFAULT_HBONE_IDLE_TIMEOUT,
+            max_concurrent_streams: default_max_concurrent_streams(),
         }
     }
 }
@@ -385,6 +390,10 @@ fn default_trust_domain() -> Name {
 
 fn default_cert_lifetime() -> Duration {
     DEFAULT_CERT_LIFETIME
+}
+
+fn default_max_concurrent_streams() -> u32 {
+    crate::proxy::tunnel::MAX_CONCURRENT_STREAMS
 }
 
 fn default_idle_timeout() -> Duration {

@@ -90,6 +90,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             state: store.clone(),
             policy,
             metrics: metrics.clone(),
+            max_concurrent_streams: state.cluster.hbone.max_concurrent_streams,
         },
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),

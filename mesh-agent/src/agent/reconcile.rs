@@ -84,6 +84,16 @@ impl Reconciler {
             .iter()
             .map(|w| (w.uid.as_str(), w))
             .collect();
+        // A new label changes no listener: policy re-checks the open connections by itself.
+        for (uid, served) in &mut self.workloads {
+            if let Some(new) = desired.get(uid.as_str())
+                && **new != served.info
+                && new.serves_like(&served.info)
+            {
+                info!(workload = %uid, labels = ?new.workload.labels, "workload updated");
+                served.info = (*new).clone();
+            }
+        }
         // Removals first, so that an IP or identity passed to a new workload is free.
         let gone: Vec<String> = self
             .workloads

@@ -45,9 +45,17 @@ pub struct HboneClient {
     idle_timeout: Duration,
 }
 
-/// Serializes the establishment of a pooled connection, so that a burst of streams to a new
-/// destination opens one TLS connection, not one each.
-type Slot = Arc<tokio::sync::Mutex<Option<PooledConnection>>>;
+/// The connections of one key. The lock serializes choosing and establishing, so that a burst
+/// of streams to a new destination opens one TLS connection, not one each, and a stream is
+/// counted on its connection before the next caller chooses (the peer's stream limit holds).
+type Slot = Arc<tokio::sync::Mutex<Vec<PooledConnection>>>;
+
+/// A pooled connection whose peer has not answered a PING for this long is not handed new
+/// streams; its TCP user timeout ends it.
+const PING_INTERVAL: Duration = Duration::from_secs(1);
+/// Unacknowledged data (a PING, a stream's first bytes) for this long kills the connection: a
+/// peer that vanished without a reset is noticed within seconds, not TCP's minutes.
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct PoolKey {
@@ -154,9 +162,10 @@ impl HboneClient {
         // streams before its task ends: mark it closed and try once more on a fresh one.
         let mut retried = false;
         loop {
-            let (sender, peer, usage) = self.pooled_sender(&key, netns).await?;
+            let (sender, peer, stream_usage) = self.pooled_sender(&key, netns).await?;
+            let usage = stream_usage.0.clone();
             let request = connect_request(authority)?;
-            match open_stream(sender, request, usage.clone()).await {
+            match open_stream(sender, request, stream_usage).await {
                 Ok((reader, writer)) => {
                     return Ok(HboneStream {
                         reader,
@@ -178,21 +187,25 @@ impl HboneClient {
         &self,
         key: &PoolKey,
         netns: &NetNs,
-    ) -> Result<(SendRequest<Bytes>, SpiffeId, Arc<Usage>), HboneError> {
+    ) -> Result<(SendRequest<Bytes>, SpiffeId, StreamUsage), HboneError> {
         let slot = {
             let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
             pool.entry(key.clone()).or_default().clone()
         };
-        let mut slot = slot.lock().await;
-        if let Some(conn) = slot
-            .as_ref()
-            .filter(|c| !c.usage.closed.load(Ordering::Acquire))
-        {
-            return Ok((conn.sender.clone(), conn.peer.clone(), conn.usage.clone()));
+        let mut connections = slot.lock().await;
+        connections.retain(|c| !c.usage.closed.load(Ordering::Acquire));
+        if let Some(conn) = connections.iter().find(|c| c.has_room()) {
+            let usage = StreamUsage::open(conn.usage.clone());
+            return Ok((conn.sender.clone(), conn.peer.clone(), usage));
         }
+        // Every connection is at the peer's SETTINGS_MAX_CONCURRENT_STREAMS: open another.
         let conn = self.establish(key, netns).await?;
-        let found = (conn.sender.clone(), conn.peer.clone(), conn.usage.clone());
-        *slot = Some(conn);
+        let found = (
+            conn.sender.clone(),
+            conn.peer.clone(),
+            StreamUsage::open(conn.usage.clone()),
+        );
+        connections.push(conn);
         Ok(found)
     }
 
@@ -211,6 +224,9 @@ impl HboneClient {
             .map_err(|_| HboneError::ConnectTimeout { dst })?
             .map_err(|source| HboneError::Connect { dst, source })?;
         let _ = tcp.set_nodelay(true);
+        if let Err(err) = set_user_timeout(&tcp, TCP_USER_TIMEOUT) {
+            debug!(dst = %dst, error = %err, "cannot set TCP_USER_TIMEOUT");
+        }
 
         let config = identity::client_config(
             self.identities.clone(),
@@ -226,7 +242,7 @@ impl HboneClient {
         let peer = identity::peer_identity(tls.get_ref().1)
             .map_err(|err| HboneError::Identity(err.to_string()))?;
 
-        let (sender, connection) = h2::client::Builder::new()
+        let (sender, mut connection) = h2::client::Builder::new()
             .initial_window_size(tunnel::STREAM_WINDOW)
             .initial_connection_window_size(tunnel::CONNECTION_WINDOW)
             .max_frame_size(tunnel::MAX_FRAME_SIZE)
@@ -240,6 +256,9 @@ impl HboneClient {
             "hbone connection established"
         );
         let usage = Usage::new();
+        if let Some(ping_pong) = connection.ping_pong() {
+            tokio::spawn(keep_alive(ping_pong, usage.clone(), dst));
+        }
         let (source, closed_peer, closed) = (key.source.clone(), peer.clone(), usage.clone());
         tokio::spawn(async move {
             if let Err(err) = connection.await {
@@ -261,13 +280,14 @@ impl HboneClient {
     fn drop_idle(&self) {
         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
         pool.retain(|_, slot| {
-            // Busy: someone is connecting or picking this connection right now.
-            let Ok(slot) = slot.try_lock() else {
+            // Busy: someone is connecting or picking a connection right now.
+            let Ok(mut connections) = slot.try_lock() else {
                 return true;
             };
-            slot.as_ref().is_some_and(|c| {
+            connections.retain(|c| {
                 !c.usage.closed.load(Ordering::Acquire) && !c.is_idle_for(self.idle_timeout)
-            })
+            });
+            !connections.is_empty()
         });
     }
 
@@ -289,9 +309,8 @@ fn connect_request(authority: SocketAddr) -> Result<Request<()>, HboneError> {
 async fn open_stream(
     sender: SendRequest<Bytes>,
     request: Request<()>,
-    usage: Arc<Usage>,
+    stream_usage: StreamUsage,
 ) -> Result<(TunnelReader<StreamUsage>, TunnelWriter), h2::Error> {
-    let stream_usage = StreamUsage::open(usage);
     // Waits while the connection is at its limit of concurrent streams.
     let mut sender = sender.ready().await?;
     let (response, send) = sender.send_request(request, false)?;
@@ -315,7 +334,52 @@ async fn close_idle_connections(client: std::sync::Weak<HboneClient>) {
     }
 }
 
+/// PINGs the peer every [`PING_INTERVAL`]; a peer that does not answer within the TCP user
+/// timeout gets no new streams.
+async fn keep_alive(mut ping_pong: h2::PingPong, usage: Arc<Usage>, dst: SocketAddr) {
+    loop {
+        tokio::time::sleep(PING_INTERVAL).await;
+        if usage.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let pong = tokio::time::timeout(TCP_USER_TIMEOUT, ping_pong.ping(h2::Ping::opaque()));
+        match pong.await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                info!(dst = %dst, "hbone peer does not answer PINGs; no new streams on this connection");
+                usage.closed.store(true, Ordering::Release);
+                return;
+            }
+        }
+    }
+}
+
+fn set_user_timeout(tcp: &tokio::net::TcpStream, timeout: Duration) -> std::io::Result<()> {
+    let millis = libc::c_uint::try_from(timeout.as_millis()).unwrap_or(libc::c_uint::MAX);
+    // SAFETY: the option value is a c_uint that outlives the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(tcp),
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            (&raw const millis).cast(),
+            std::mem::size_of::<libc::c_uint>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 impl PooledConnection {
+    /// Whether the peer allows another concurrent stream on it.
+    fn has_room(&self) -> bool {
+        self.usage.open_streams.load(Ordering::Acquire) < self.sender.current_max_send_streams()
+    }
+
     fn is_idle_for(&self, timeout: Duration) -> bool {
         if self.usage.open_streams.load(Ordering::Acquire) > 0 {
             return false;

@@ -319,15 +319,20 @@ async fn forward_hbone(
 
 /// Istio's TCP metrics for the connection, reported by the source side.
 fn record_metrics(source: &Source, log: &ConnectionLog<'_>, result: &Result<(), OutboundError>) {
+    let state = source.mesh.state.load();
     let destination = match (&log.endpoint, log.dst) {
         (Some(endpoint), _) => Some(endpoint.workload.clone()),
-        (None, Some(dst)) => source.mesh.state.load().workload_by_ip(dst.ip()).cloned(),
+        (None, Some(dst)) => state.workload_by_ip(dst.ip()).cloned(),
         (None, None) => None,
     };
+    // Its labels as they are now (`source_app`).
+    let source_now = state
+        .workload_by_uid(&source.info.uid)
+        .unwrap_or(&source.info);
     let mut labels = telemetry::connection_labels(
         Reporter::Source,
         Party {
-            workload: Some(&source.info.workload),
+            workload: Some(&source_now.workload),
             principal: Some(&source.info.identity),
         },
         Party {

@@ -100,7 +100,7 @@ async fn serve_streams(
         .initial_window_size(tunnel::STREAM_WINDOW)
         .initial_connection_window_size(tunnel::CONNECTION_WINDOW)
         .max_frame_size(tunnel::MAX_FRAME_SIZE)
-        .max_concurrent_streams(tunnel::MAX_CONCURRENT_STREAMS)
+        .max_concurrent_streams(target.context.max_concurrent_streams)
         .handshake::<_, Bytes>(tls)
         .await?;
     let (stop, abort) = (target.lifetime.stop.clone(), target.lifetime.abort.clone());

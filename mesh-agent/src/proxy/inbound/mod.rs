@@ -63,6 +63,8 @@ pub struct InboundContext {
     pub state: StateStore,
     pub policy: watch::Receiver<Arc<PolicySet>>,
     pub metrics: Metrics,
+    /// Streams allowed on one inbound HBONE connection.
+    pub max_concurrent_streams: u32,
 }
 
 /// What every inbound connection to the workload needs.
@@ -183,14 +185,27 @@ fn accept_loop<F, Fut>(
 }
 
 impl Target {
+    /// The workload as the state knows it now: its labels (what policies select it by) may have
+    /// changed since its listeners opened.
+    fn current(&self) -> Arc<WorkloadInfo> {
+        let state = self.context.state.load();
+        state
+            .workload_by_uid(&self.name)
+            .cloned()
+            .unwrap_or_else(|| self.info.clone())
+    }
+
     fn mtls_mode(&self, port: u16) -> MtlsMode {
         let policy = self.context.policy.borrow().clone();
-        policy.mtls_mode(&WorkloadRef::from(&self.info.workload), port)
+        policy.mtls_mode(&WorkloadRef::from(&self.current().workload), port)
     }
 
     fn authorize(&self, caller: &Caller, dst: SocketAddr) -> Decision {
         let policy = self.context.policy.borrow().clone();
-        policy.authorize(&WorkloadRef::from(&self.info.workload), &caller.attrs(dst))
+        policy.authorize(
+            &WorkloadRef::from(&self.current().workload),
+            &caller.attrs(dst),
+        )
     }
 
     /// Istio's labels for a connection from `caller`, reported by this (the destination) side.
@@ -258,14 +273,16 @@ impl Caller {
     }
 }
 
-/// Re-checks the workload's open connections whenever the policy changes; resets those it no
-/// longer admits.
+/// Re-checks the workload's open connections whenever the policy or the state (the workload's
+/// labels) changes; resets those no longer admitted.
 async fn revoke_on_policy_change(target: Arc<Target>, shutdown: CancellationToken) {
     let mut policy = target.context.policy.clone();
+    let mut state = target.context.state.subscribe();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             changed = policy.changed() => if changed.is_err() { return },
+            changed = state.changed() => if changed.is_err() { return },
         }
         let active = target
             .active
