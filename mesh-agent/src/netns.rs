@@ -64,7 +64,7 @@ impl NetNs {
         socket.set_reuseaddr(true)?;
         socket.set_reuseport(true)?;
         socket.bind(addr)?;
-        Ok(socket.listen(LISTEN_BACKLOG)?)
+        socket.listen(LISTEN_BACKLOG)
     }
 
     /// Lets the kernel hand connections waiting on a closing listener to another listener of

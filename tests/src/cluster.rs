@@ -7,8 +7,8 @@ use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -60,11 +60,11 @@ pub fn agent_bin() -> PathBuf {
 /// A pod to create.
 #[derive(Debug, Clone)]
 pub struct PodSpec {
-    name: String,
-    namespace: String,
-    service_account: String,
-    labels: BTreeMap<String, String>,
-    enrolled: bool,
+    pub(crate) name: String,
+    pub(crate) namespace: String,
+    pub(crate) service_account: String,
+    pub(crate) labels: BTreeMap<String, String>,
+    pub(crate) enrolled: bool,
 }
 
 impl PodSpec {
@@ -88,6 +88,11 @@ impl PodSpec {
     }
     pub fn label(mut self, key: &str, value: &str) -> Self {
         self.labels.insert(key.into(), value.into());
+        self
+    }
+    /// Removes a label (for [`Cluster::update_pod`]).
+    pub fn without_label(mut self, key: &str) -> Self {
+        self.labels.remove(key);
         self
     }
     /// Whether the pod is listed in the cluster file (captured by the mesh).
@@ -197,6 +202,7 @@ impl ClusterBuilder {
             nodes: Vec::new(),
             netns: Mutex::new(Vec::new()),
             agents: Mutex::new(HashMap::new()),
+            edits: Mutex::new(()),
             torn_down: AtomicBool::new(false),
         };
         cluster
@@ -231,7 +237,7 @@ fn check_spec(b: &ClusterBuilder) -> Result<()> {
 // ---------------------------------------------------------------- cluster
 
 /// One node: a network namespace, a cgroup subtree, a pin dir, its pods.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Node {
     name: String,
     index: u8,
@@ -239,7 +245,20 @@ pub struct Node {
     cgroup: PathBuf,
     pin_dir: PathBuf,
     excluded_ports: Vec<u16>,
-    pods: Vec<Pod>,
+    pods: Mutex<NodePods>,
+}
+
+/// A node's pods; they change while the cluster runs ([`Cluster::add_pod`] and friends).
+#[derive(Debug)]
+struct NodePods {
+    /// The node's pods now, in creation order.
+    live: Vec<Arc<Pod>>,
+    /// Pods removed, and old versions of updated ones: kept until the node goes, because
+    /// references that [`Node::pods`] and [`Cluster::pod`] handed out may still point at them.
+    retired: Vec<Arc<Pod>>,
+    /// The index `j` of the next pod (`p{j}`, 10.*i*.0.*j+1*); never reused, as an IPAM that
+    /// allocates round-robin does not hand a just-freed address out again at once.
+    next_index: u8,
 }
 
 impl Node {
@@ -279,8 +298,31 @@ impl Node {
     pub fn excluded_ports(&self) -> &[u16] {
         &self.excluded_ports
     }
-    pub fn pods(&self) -> &[Pod] {
-        &self.pods
+    /// The node's pods now (pods added or removed while the cluster runs included).
+    pub fn pods(&self) -> Vec<&Pod> {
+        self.lock_pods().live.iter().map(|p| self.hold(p)).collect()
+    }
+    /// The node's pod called `name` now. After [`Cluster::update_pod`] this is the new
+    /// version; a `&Pod` taken before keeps the old spec (addresses, netns and cgroup are the
+    /// same in every version).
+    pub fn pod(&self, name: &str) -> Option<&Pod> {
+        self.lock_pods()
+            .live
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| self.hold(p))
+    }
+
+    fn lock_pods(&self) -> MutexGuard<'_, NodePods> {
+        self.pods.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Borrows a pod of this node for as long as the node lives.
+    fn hold(&self, pod: &Arc<Pod>) -> &Pod {
+        // SAFETY: every `Arc<Pod>` ever put in `self.pods` stays there (in `live`, or moved to
+        // `retired`) until the node is dropped, so the `Pod` it points to lives at least as
+        // long as `&self`; a `Pod` is never mutated once shared (no interior mutability).
+        unsafe { &*Arc::as_ptr(pod) }
     }
 }
 
@@ -290,6 +332,8 @@ const POLICY_DIR: &str = "policies";
 /// A running agent.
 struct Agent {
     child: Child,
+    /// The cluster file it reads.
+    cluster_file: PathBuf,
 }
 
 /// A test cluster. Everything it made is removed on drop (or [`Cluster::teardown`]).
@@ -305,6 +349,8 @@ pub struct Cluster {
     /// Network namespaces created so far, in creation order.
     netns: Mutex<Vec<String>>,
     agents: Mutex<HashMap<String, Agent>>,
+    /// Held while the cluster file (and the pods it lists) changes: one change at a time.
+    edits: Mutex<()>,
     torn_down: AtomicBool,
 }
 
@@ -333,11 +379,10 @@ impl Cluster {
             .find(|n| n.name == name)
             .ok_or_else(|| anyhow!("no node {name} in cluster {}", self.id))
     }
+    /// The pod called `pod` on `node` now (see [`Node::pod`]).
     pub fn pod(&self, node: &str, pod: &str) -> Result<&Pod> {
         self.node(node)?
-            .pods
-            .iter()
-            .find(|p| p.name == pod)
+            .pod(pod)
             .ok_or_else(|| anyhow!("no pod {pod} on node {node}"))
     }
 
@@ -371,15 +416,18 @@ impl Cluster {
         Ok(())
     }
 
-    /// Creates a netns and turns IPv6 duplicate address detection off in it,
-    /// before any link exists: otherwise link-local addresses stay tentative
-    /// for a while and the first IPv6 connection across nodes stalls ~2 s.
+    /// Creates a netns (IPv6 DAD off, see [`sys::netns_add`]), removed on teardown.
     fn add_netns(&self, name: &str) -> Result<()> {
-        sys::netns_add(name)?;
-        self.netns.lock().unwrap().push(name.to_owned());
-        let no_dad = ["all", "default"].map(|d| (format!("net/ipv6/conf/{d}/accept_dad"), "0"));
-        sys::sysctls_in(&sys::netns_path(name), &no_dad)
-            .with_context(|| format!("sysctls in {name}"))
+        self.register_netns(name);
+        sys::netns_add(name)
+    }
+
+    /// Notes a netns name for teardown (before it is made, so a half-made one goes too).
+    fn register_netns(&self, name: &str) {
+        let mut netns = self.netns.lock().unwrap_or_else(|e| e.into_inner());
+        if !netns.iter().any(|n| n == name) {
+            netns.push(name.to_owned());
+        }
     }
 
     fn create_node(&self, fab: &str, i: u8, spec: &NodeSpec) -> Result<Node> {
@@ -442,97 +490,78 @@ impl Cluster {
         let pin_dir = self.pin_root.join(&spec.name);
         sys::mkdir_all(&pin_dir)?;
 
-        let mut pods = Vec::new();
-        for (j, pspec) in spec.pods.iter().enumerate() {
-            pods.push(self.create_pod(&ns, &spec.name, &cgroup, i, (j + 1) as u8, pspec)?);
-        }
-
-        let mut settings = vec![
+        let settings = [
             ("net/ipv4/ip_forward".to_string(), "1"),
             ("net/ipv6/conf/all/forwarding".to_string(), "1"),
-        ];
-        let mut devs = vec![
-            "all".to_string(),
-            "default".into(),
-            "eth0".into(),
-            "cbr0".into(),
-        ];
-        devs.extend((1..=pods.len()).map(|j| format!("p{j}")));
-        settings.extend(
-            devs.iter()
+        ]
+        .into_iter()
+        .chain(
+            ["all", "default", "eth0", "cbr0"]
                 .map(|d| (format!("net/ipv4/conf/{d}/rp_filter"), "0")),
-        );
+        )
+        .collect::<Vec<_>>();
         sys::sysctls_in(&sys::netns_path(&ns), &settings)
             .with_context(|| format!("sysctls in {ns}"))?;
 
-        Ok(Node {
+        let node = Node {
             name: spec.name.clone(),
             index: i,
             netns: ns,
             cgroup,
             pin_dir,
             excluded_ports: spec.excluded_ports.clone(),
-            pods,
-        })
+            pods: Mutex::new(NodePods {
+                live: Vec::new(),
+                retired: Vec::new(),
+                next_index: 1,
+            }),
+        };
+        for pspec in &spec.pods {
+            self.create_pod(&node, pspec)?;
+        }
+        Ok(node)
     }
 
-    fn create_pod(
-        &self,
-        node_ns: &str,
-        node: &str,
-        node_cgroup: &Path,
-        i: u8,
-        j: u8,
-        spec: &PodSpec,
-    ) -> Result<Pod> {
-        let ns = format!("{}-{}-{}", self.id, node, spec.name);
-        self.add_netns(&ns)?;
-        let port = format!("p{j}");
-        ip(&[
-            "link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &port, "netns",
-            node_ns,
-        ])?;
-        ip_in(node_ns, &["link", "set", &port, "master", "cbr0", "up"])?;
-        ip_in(&ns, &["link", "set", "lo", "up"])?;
-        ip_in(&ns, &["link", "set", "eth0", "up"])?;
-        let ipv4 = Ipv4Addr::new(10, i, 0, j + 1);
-        let ipv6 = Ipv6Addr::new(0xfd00, i.into(), 0, 0, 0, 0, 0, (j + 1).into());
-        ip_in(&ns, &["addr", "add", &format!("{ipv4}/24"), "dev", "eth0"])?;
-        ip_in(
-            &ns,
-            &["addr", "add", &format!("{ipv6}/64"), "dev", "eth0", "nodad"],
-        )?;
-        ip_in(
-            &ns,
-            &["route", "add", "default", "via", &format!("10.{i}.0.1")],
-        )?;
-        ip_in(
-            &ns,
-            &[
-                "-6",
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("fd00:{i}::1"),
-            ],
-        )?;
-
-        let cgroup = node_cgroup.join("pods").join(&spec.name);
-        sys::mkdir_all(&cgroup)?;
-        Ok(Pod {
+    /// Creates a pod on `node` (the next index, see [`NodePods::next_index`]): its network
+    /// namespace ([`Pod::create_netns`]) and cgroup; it is listed in the node from then on.
+    /// The cluster file is not rewritten.
+    fn create_pod<'n>(&self, node: &'n Node, spec: &PodSpec) -> Result<&'n Pod> {
+        let j = {
+            let mut pods = node.lock_pods();
+            if pods.live.iter().any(|p| p.name == spec.name) {
+                bail!("node {} already has a pod {}", node.name, spec.name);
+            }
+            if pods.next_index > 250 {
+                bail!("node {}: no pod index left (at most 250 pods)", node.name);
+            }
+            pods.next_index += 1;
+            pods.next_index - 1
+        };
+        let i = node.index;
+        let pod = Pod {
             name: spec.name.clone(),
-            node: node.into(),
+            node: node.name.clone(),
             namespace: spec.namespace.clone(),
             service_account: spec.service_account.clone(),
             labels: spec.labels.clone(),
             enrolled: spec.enrolled,
-            ipv4,
-            ipv6,
-            netns: ns,
-            cgroup,
+            ipv4: Ipv4Addr::new(10, i, 0, j + 1),
+            ipv6: Ipv6Addr::new(0xfd00, i.into(), 0, 0, 0, 0, 0, (j + 1).into()),
+            netns: format!("{}-{}-{}", self.id, node.name, spec.name),
+            cgroup: node.pods_cgroup().join(&spec.name),
+            node_netns: node.netns.clone(),
+            veth: format!("p{j}"),
+            gateway4: Ipv4Addr::new(10, i, 0, 1),
+            gateway6: Ipv6Addr::new(0xfd00, i.into(), 0, 0, 0, 0, 0, 1),
             workdir: self.workdir.clone(),
-        })
+        };
+        self.register_netns(&pod.netns);
+        pod.create_netns()
+            .with_context(|| format!("create the netns of pod {}", pod.name))?;
+        sys::mkdir_all(&pod.cgroup)?;
+        let pod = Arc::new(pod);
+        node.lock_pods().live.push(pod.clone());
+        Ok(node.hold(&pod))
     }
 
     /// Each node routes the other nodes' pod CIDRs via their fabric address.
@@ -566,9 +595,9 @@ impl Cluster {
         Ok(())
     }
 
-    /// Starts `program` in the node's network namespace (and the node's own cgroup, outside
-    /// its pods), e.g. a packet capture on the node's link; killed on drop.
-    pub fn spawn_in_node<I, S>(&self, node: &str, program: &str, args: I) -> Result<ChildGuard>
+    /// A `Command` that runs `program` in the node's network namespace and the node's own
+    /// cgroup (outside its pods, so the mesh does not capture it).
+    pub fn node_command<I, S>(&self, node: &str, program: &str, args: I) -> Result<Command>
     where
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
@@ -577,13 +606,68 @@ impl Cluster {
         let mut cmd = Command::new(program);
         cmd.args(args).stdin(Stdio::null());
         sys::place(&mut cmd, n.cgroup(), &n.netns_path())?;
-        let child = cmd
+        Ok(cmd)
+    }
+
+    /// Starts `program` in the node (see [`Cluster::node_command`]), e.g. a packet capture on
+    /// the node's link; killed on drop.
+    pub fn spawn_in_node<I, S>(&self, node: &str, program: &str, args: I) -> Result<ChildGuard>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let child = self
+            .node_command(node, program, args)?
             .spawn()
             .with_context(|| format!("spawn {program} in node {node}"))?;
         Ok(ChildGuard {
             child,
             name: format!("{program} in node {node}"),
         })
+    }
+
+    /// Runs `program` in the node (see [`Cluster::node_command`]) to completion, like
+    /// [`Pod::run`].
+    pub fn run_in_node<I, S>(
+        &self,
+        node: &str,
+        program: &str,
+        args: I,
+        timeout: Duration,
+    ) -> Result<crate::RunOutput>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        run_with_timeout(&mut self.node_command(node, program, args)?, timeout)
+            .with_context(|| format!("{program} in node {node}"))
+    }
+
+    /// `GET http://127.0.0.1:15021/healthz/ready` from inside the node: the agent's answer as
+    /// (status code, body). Fails if nothing answers.
+    pub fn readiness(&self, node: &str) -> Result<(u16, String)> {
+        const URL: &str = "http://127.0.0.1:15021/healthz/ready";
+        let out = self.run_in_node(
+            node,
+            "curl",
+            ["-sS", "--max-time", "5", "-w", "\n%{http_code}", URL],
+            Duration::from_secs(10),
+        )?;
+        if !out.success() {
+            bail!(
+                "GET {URL} in node {node}: curl exited {:?}: {}",
+                out.code(),
+                out.stderr_str().trim()
+            );
+        }
+        let text = out.stdout_str();
+        let (body, code) = text
+            .rsplit_once('\n')
+            .ok_or_else(|| anyhow!("GET {URL} in node {node}: no status in {text:?}"))?;
+        let code = code
+            .parse()
+            .with_context(|| format!("GET {URL} in node {node}: status {code:?}"))?;
+        Ok((code, body.to_owned()))
     }
 
     /// The mesh CA made by `mesh-agent ca init` for this cluster: `ca-cert.pem`, `ca-key.pem`.
@@ -607,14 +691,13 @@ impl Cluster {
         // http.server does), and a miss goes to DNS, which is out of reach here.
         let mut hosts = fs::read_to_string("/etc/hosts").unwrap_or_default();
         hosts.push_str("\n# pods of this test cluster\n");
-        for pod in self.nodes.iter().flat_map(|n| n.pods.iter()) {
+        for pod in self.nodes.iter().flat_map(|n| n.pods()) {
             hosts.push_str(&format!(
                 "{} {}\n{} {}\n",
                 pod.ipv4, pod.name, pod.ipv6, pod.name
             ));
         }
-        let path = self.workdir.join(crate::pod::HOSTS_FILE);
-        fs::write(&path, hosts).with_context(|| format!("write {}", path.display()))
+        sys::write_atomic(&self.workdir.join(crate::pod::HOSTS_FILE), hosts.as_bytes())
     }
 
     /// Where the agents read Istio security policies from (`policy.path` of the cluster file).
@@ -666,10 +749,17 @@ impl Cluster {
         Ok(())
     }
 
+    /// The first cluster file (and the CA, the policy dir, the hosts file), before any agent.
     fn write_cluster_file(&self) -> Result<()> {
         self.create_ca()?;
         sys::mkdir_all(&self.policy_dir())?;
         self.write_hosts_file()?;
+        sys::write_atomic(&self.cluster_file, self.cluster_file_text()?.as_bytes())
+    }
+
+    /// The cluster file for the cluster as it is now (every node, every enrolled pod), as the
+    /// harness writes it; a start for hand-made edits ([`Cluster::write_raw_cluster_file`]).
+    pub fn cluster_file_text(&self) -> Result<String> {
         let doc = FileDoc {
             trust_domain: self.trust_domain.clone(),
             identity: FileIdentity {
@@ -692,8 +782,8 @@ impl Cluster {
                     workload_cgroup: n.pods_cgroup().display().to_string(),
                     excluded_ports: n.excluded_ports.clone(),
                     workloads: n
-                        .pods
-                        .iter()
+                        .pods()
+                        .into_iter()
                         .filter(|p| p.enrolled)
                         .map(|p| FileWorkload {
                             name: p.name.clone(),
@@ -708,9 +798,172 @@ impl Cluster {
                 })
                 .collect(),
         };
-        let yaml = serde_yaml_ng::to_string(&doc).context("serialize cluster file")?;
-        fs::write(&self.cluster_file, yaml)
-            .with_context(|| format!("write {}", self.cluster_file.display()))
+        serde_yaml_ng::to_string(&doc).context("serialize cluster file")
+    }
+
+    // ------------------------------------------------------------ live changes
+
+    /// What a kubelet and a CNI do when a pod is scheduled on `node` while the mesh runs: makes
+    /// the pod as the builder does (next free index on the node: veth `p{j}`, addresses
+    /// 10.*i*.0.*j+1* and fd00:*i*::*j+1*, netns, cgroup), adds it to the hosts file, rewrites
+    /// the cluster file and waits until every running agent has loaded it (see
+    /// [`Cluster::write_raw_cluster_file`]). A pod that is not enrolled is not in the cluster
+    /// file, so then nothing is waited for.
+    pub fn add_pod(&self, node: &str, spec: PodSpec) -> Result<&Pod> {
+        let _edit = self.lock_edits();
+        let n = self.node(node)?;
+        let pod = self
+            .create_pod(n, &spec)
+            .with_context(|| format!("add pod {} to {node}", spec.name))?;
+        self.publish()
+            .with_context(|| format!("publish pod {} on {node}", spec.name))?;
+        Ok(pod)
+    }
+
+    /// What happens when a pod is deleted: it leaves the cluster file (rewritten; every
+    /// running agent must load it), then its processes are killed and its veth, network
+    /// namespace and cgroup deleted. The pod's resources go even if an agent failed to
+    /// reload (that failure is returned).
+    pub fn remove_pod(&self, node: &str, name: &str) -> Result<()> {
+        let _edit = self.lock_edits();
+        let n = self.node(node)?;
+        let pod = {
+            let mut pods = n.lock_pods();
+            let k = pods
+                .live
+                .iter()
+                .position(|p| p.name == name)
+                .ok_or_else(|| anyhow!("no pod {name} on node {node}"))?;
+            let pod = pods.live.remove(k);
+            pods.retired.push(pod.clone());
+            pod
+        };
+        let published = self.publish();
+        pod.destroy()
+            .with_context(|| format!("remove pod {name} from {node}"))?;
+        self.netns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|ns| *ns != pod.netns);
+        published.with_context(|| format!("unpublish pod {name} on {node}"))
+    }
+
+    /// Changes a pod's spec (labels, service account, namespace, enrolment; not its name) the
+    /// way an edit of the pod's metadata reaches the mesh: the cluster file is rewritten and
+    /// every running agent must load it. The pod's netns, cgroup, addresses and processes
+    /// stay. Returns the pod's new version (see [`Node::pod`]).
+    pub fn update_pod(
+        &self,
+        node: &str,
+        name: &str,
+        change: impl FnOnce(PodSpec) -> PodSpec,
+    ) -> Result<&Pod> {
+        let _edit = self.lock_edits();
+        let n = self.node(node)?;
+        let new = {
+            let mut pods = n.lock_pods();
+            let k = pods
+                .live
+                .iter()
+                .position(|p| p.name == name)
+                .ok_or_else(|| anyhow!("no pod {name} on node {node}"))?;
+            let spec = change(pods.live[k].spec());
+            if spec.name != name {
+                bail!("update_pod cannot rename pod {name} to {}", spec.name);
+            }
+            let new = Arc::new(Pod {
+                namespace: spec.namespace,
+                service_account: spec.service_account,
+                labels: spec.labels,
+                enrolled: spec.enrolled,
+                ..Pod::clone(&pods.live[k])
+            });
+            let old = std::mem::replace(&mut pods.live[k], new.clone());
+            pods.retired.push(old);
+            new
+        };
+        self.publish()
+            .with_context(|| format!("publish the update of pod {name} on {node}"))?;
+        Ok(n.hold(&new))
+    }
+
+    /// Replaces the cluster file with `text` (atomically: a new file renamed over it) and
+    /// waits up to 10 s until every running agent that reads it has logged its verdict, the
+    /// first [`CLUSTER_FILE_LOADED`] or [`CLUSTER_FILE_REJECTED`] line after the change.
+    /// Returns each agent's line, by node. The harness's own view of the pods does not change:
+    /// the next [`Cluster::add_pod`] (or friend) writes the file from it again.
+    pub fn write_raw_cluster_file(&self, text: &str) -> Result<BTreeMap<String, Reload>> {
+        let _edit = self.lock_edits();
+        self.replace_cluster_file(text)
+    }
+
+    fn lock_edits(&self) -> MutexGuard<'_, ()> {
+        self.edits.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes the hosts file and the cluster file for the pods as they are now; unless the
+    /// cluster file stays the same, waits until every running agent has loaded it.
+    fn publish(&self) -> Result<()> {
+        self.write_hosts_file()?;
+        let text = self.cluster_file_text()?;
+        if fs::read_to_string(&self.cluster_file).is_ok_and(|old| old == text) {
+            return Ok(());
+        }
+        for (node, reload) in self.replace_cluster_file(&text)? {
+            if let Reload::Rejected(line) = reload {
+                bail!("{node}'s agent rejected the cluster file the harness wrote: {line}");
+            }
+        }
+        Ok(())
+    }
+
+    fn replace_cluster_file(&self, text: &str) -> Result<BTreeMap<String, Reload>> {
+        let watching: Vec<String> = self
+            .agents
+            .lock()
+            .unwrap()
+            .iter_mut()
+            .filter(|(_, a)| a.cluster_file == self.cluster_file)
+            .filter_map(|(node, a)| matches!(a.child.try_wait(), Ok(None)).then(|| node.clone()))
+            .collect();
+        let verdicts = |node: &str| -> Result<Vec<Value>> {
+            Ok(self
+                .agent_logs(node)?
+                .into_iter()
+                .filter(|l| {
+                    l["message"] == CLUSTER_FILE_LOADED || l["message"] == CLUSTER_FILE_REJECTED
+                })
+                .collect())
+        };
+        let before: Vec<usize> = watching
+            .iter()
+            .map(|n| verdicts(n).map(|v| v.len()))
+            .collect::<Result<_>>()?;
+        sys::write_atomic(&self.cluster_file, text.as_bytes())?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut out = BTreeMap::new();
+        for (node, before) in watching.into_iter().zip(before) {
+            let line = loop {
+                if let Some(line) = verdicts(&node)?.into_iter().nth(before) {
+                    break line;
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "{node}'s agent logged neither `{CLUSTER_FILE_LOADED}` nor \
+                         `{CLUSTER_FILE_REJECTED}` within 10 s of the cluster file change; {}",
+                        self.agent_log_tail(&node)
+                    );
+                }
+                thread::sleep(Duration::from_millis(50));
+            };
+            let reload = if line["message"] == CLUSTER_FILE_LOADED {
+                Reload::Loaded(line)
+            } else {
+                Reload::Rejected(line)
+            };
+            out.insert(node, reload);
+        }
+        Ok(out)
     }
 
     // ------------------------------------------------------------ agents
@@ -788,10 +1041,13 @@ impl Cluster {
         }
         // Not locked while waiting, so a teardown can run meanwhile (it kills
         // this agent through its cgroup even though it is not listed yet).
-        self.agents
-            .lock()
-            .unwrap()
-            .insert(node.to_owned(), Agent { child });
+        self.agents.lock().unwrap().insert(
+            node.to_owned(),
+            Agent {
+                child,
+                cluster_file: cluster_file.to_owned(),
+            },
+        );
         Ok(())
     }
 
@@ -928,9 +1184,11 @@ impl Cluster {
         if let Err(e) = sys::kill_and_remove_cgroup(&self.cgroup_dir) {
             problems.push(format!("{e:#}"));
         }
+        // Pods' netns may be gone already (deleted by a test) or made again under the same
+        // name (recreated); pods added later are listed too.
         let netns: Vec<String> = self.netns.lock().unwrap().drain(..).rev().collect();
         for ns in netns {
-            if let Err(e) = ip(&["netns", "del", &ns]) {
+            if let Err(e) = sys::netns_del(&ns) {
                 problems.push(format!("{e:#}"));
             }
         }
@@ -1001,6 +1259,18 @@ fn read_log(path: &Path, offset: u64) -> Result<Vec<Value>> {
         out.push(Value::Object(obj));
     }
     Ok(out)
+}
+
+/// The agent's log message after it applied a changed cluster file.
+pub const CLUSTER_FILE_LOADED: &str = "cluster file loaded";
+/// The agent's log message after it refused a changed cluster file.
+pub const CLUSTER_FILE_REJECTED: &str = "cluster file rejected; keeping the last good state";
+
+/// One agent's verdict on a changed cluster file: its log line (fields flattened).
+#[derive(Debug, Clone)]
+pub enum Reload {
+    Loaded(Value),
+    Rejected(Value),
 }
 
 /// One `connection closed` line of an agent log.

@@ -17,6 +17,13 @@
 //! leftovers of dead test processes can be found ([`sweep_stale`]).
 //! Everything is removed when the [`Cluster`] is dropped, also on panic.
 //!
+//! A running cluster changes the way a kubelet and a container runtime change one:
+//! [`Pod::recreate_netns`] (a pod restart: new netns and veth, same name and addresses),
+//! [`Pod::recreate_cgroup`] (a container restart: a new cgroup id at the same path),
+//! [`Pod::delete_netns`], and cluster file edits that the agents pick up live:
+//! [`Cluster::add_pod`], [`Cluster::remove_pod`], [`Cluster::update_pod`] and, for bad edits,
+//! [`Cluster::write_raw_cluster_file`].
+//!
 //! ```no_run
 //! use mesh_tests::{Cluster, NodeSpec, PodSpec};
 //! # fn main() -> anyhow::Result<()> {
@@ -32,6 +39,7 @@
 //! # Ok(()) }
 //! ```
 
+mod capture;
 mod cluster;
 pub mod interrupt;
 mod pod;
@@ -39,8 +47,10 @@ pub mod seed;
 mod sweep;
 pub mod sys;
 
+pub use capture::{PacketCapture, Pcap};
 pub use cluster::{
-    Cluster, ClusterBuilder, ConnectionLog, Node, NodeSpec, PodSpec, agent_bin, scratch_root,
+    CLUSTER_FILE_LOADED, CLUSTER_FILE_REJECTED, Cluster, ClusterBuilder, ConnectionLog, Node,
+    NodeSpec, PodSpec, Reload, agent_bin, scratch_root,
 };
 pub use pod::{ChildGuard, HttpServer, Pod, RunOutput, addr, http_url, run_with_timeout};
 pub use sweep::{owner_pid, sweep_stale};

@@ -5,6 +5,7 @@ use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::Read;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
@@ -12,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use crate::cluster::PodSpec;
 use crate::sys;
 
 /// The pods' /etc/hosts, in the cluster's scratch directory: every pod by name.
@@ -30,6 +32,13 @@ pub struct Pod {
     pub(crate) ipv6: Ipv6Addr,
     pub(crate) netns: String,
     pub(crate) cgroup: PathBuf,
+    /// The node's network namespace (name).
+    pub(crate) node_netns: String,
+    /// The node end of the pod's veth pair, a port of the node's `cbr0`: `p{j}`.
+    pub(crate) veth: String,
+    /// The pod's default gateways: the node's `cbr0` addresses.
+    pub(crate) gateway4: Ipv4Addr,
+    pub(crate) gateway6: Ipv6Addr,
     /// The cluster's scratch directory (server logs go there).
     pub(crate) workdir: PathBuf,
 }
@@ -77,6 +86,119 @@ impl Pod {
     /// The pod's cgroup v2 directory.
     pub fn cgroup(&self) -> &Path {
         &self.cgroup
+    }
+    /// The node end of the pod's veth pair (`p{j}`, a port of the node's `cbr0`).
+    pub fn veth(&self) -> &str {
+        &self.veth
+    }
+    /// The MAC address of the pod's `eth0`, derived from its IPv4 address so that a recreated
+    /// `eth0` has the same one: the node's and other pods' neighbour caches stay right (a real
+    /// CNI gives a new MAC and announces it with a gratuitous ARP; this harness sends none).
+    pub fn mac(&self) -> String {
+        let [_, i, _, h] = self.ipv4.octets();
+        format!("02:6d:74:{i:02x}:00:{h:02x}")
+    }
+    /// The pod as a spec (name, namespace, service account, labels, enrolment), e.g. to
+    /// derive a changed one for [`crate::Cluster::update_pod`].
+    pub fn spec(&self) -> PodSpec {
+        PodSpec {
+            name: self.name.clone(),
+            namespace: self.namespace.clone(),
+            service_account: self.service_account.clone(),
+            labels: self.labels.clone(),
+            enrolled: self.enrolled,
+        }
+    }
+    /// The inode of the pod's current network namespace (the agent names the pod's
+    /// `mesh_sk_lookup_<inode>` link after it); a recreated namespace has a new one.
+    pub fn netns_inode(&self) -> Result<u64> {
+        let path = self.netns_path();
+        Ok(fs::metadata(&path)
+            .with_context(|| format!("stat {}", path.display()))?
+            .ino())
+    }
+    /// The id of the pod's current cgroup (its directory's inode on cgroup v2); a recreated
+    /// cgroup has a new one.
+    pub fn cgroup_id(&self) -> Result<u64> {
+        Ok(fs::metadata(&self.cgroup)
+            .with_context(|| format!("stat {}", self.cgroup.display()))?
+            .ino())
+    }
+
+    // ------------------------------------------------------------ lifecycle
+
+    /// Creates the pod's network namespace as a CNI would: `lo` up, IPv6 DAD off, a veth pair
+    /// whose pod end is `eth0` (with [`Pod::mac`]) and whose node end ([`Pod::veth`]) is a port
+    /// of the node's `cbr0` with `rp_filter` 0, the pod's addresses and default routes.
+    pub(crate) fn create_netns(&self) -> Result<()> {
+        let (ns, node_ns, veth) = (&self.netns, &self.node_netns, &self.veth);
+        sys::netns_add(ns)?;
+        let mac = self.mac();
+        sys::ip(&[
+            "link", "add", "eth0", "address", &mac, "netns", ns, "type", "veth", "peer", "name",
+            veth, "netns", node_ns,
+        ])?;
+        sys::sysctls_in(
+            &sys::netns_path(node_ns),
+            &[(format!("net/ipv4/conf/{veth}/rp_filter"), "0")],
+        )
+        .with_context(|| format!("sysctls in {node_ns}"))?;
+        sys::ip_in(node_ns, &["link", "set", veth, "master", "cbr0", "up"])?;
+        sys::ip_in(ns, &["link", "set", "lo", "up"])?;
+        sys::ip_in(ns, &["link", "set", "eth0", "up"])?;
+        let v4 = format!("{}/24", self.ipv4);
+        let v6 = format!("{}/64", self.ipv6);
+        sys::ip_in(ns, &["addr", "add", &v4, "dev", "eth0"])?;
+        sys::ip_in(ns, &["addr", "add", &v6, "dev", "eth0", "nodad"])?;
+        let (gw4, gw6) = (self.gateway4.to_string(), self.gateway6.to_string());
+        sys::ip_in(ns, &["route", "add", "default", "via", &gw4])?;
+        sys::ip_in(ns, &["-6", "route", "add", "default", "via", &gw6])?;
+        Ok(())
+    }
+
+    /// Ends every process in the pod's cgroup (`cgroup.kill`) and waits until none is left.
+    pub fn kill_processes(&self) -> Result<()> {
+        sys::kill_cgroup(&self.cgroup).with_context(|| format!("kill pod {}", self.name))
+    }
+
+    /// What the runtime does when a pod goes away: ends the pod's processes, deletes its veth
+    /// pair (from the node's side, as a CNI DEL does) and its network namespace. Nothing of it
+    /// is re-created; see [`Pod::recreate_netns`]. Idempotent.
+    ///
+    /// The veth is deleted explicitly because the namespace outlives its name while anything
+    /// holds it (pods' processes have private mount namespaces with copies of every
+    /// `/run/netns` mount, and the agent may hold it open); its `eth0` and so the node's
+    /// `p{j}` would live on with it and block a new `p{j}`.
+    pub fn delete_netns(&self) -> Result<()> {
+        self.kill_processes()?;
+        if sys::link_exists(&self.node_netns, &self.veth)? {
+            sys::ip_in(&self.node_netns, &["link", "del", &self.veth])?;
+        }
+        sys::netns_del(&self.netns)
+    }
+
+    /// What a pod restart does: [`Pod::delete_netns`] (if it is still there), then a new
+    /// namespace of the same name with a new veth pair ([`Pod::veth`] keeps its name), the
+    /// same addresses and routes. The pod's cgroup stays; its processes are gone and must be
+    /// started again.
+    pub fn recreate_netns(&self) -> Result<()> {
+        self.delete_netns()?;
+        self.create_netns()
+            .with_context(|| format!("recreate the netns of pod {}", self.name))
+    }
+
+    /// What a container restart does: ends the pod's processes, removes its cgroup and makes
+    /// it again at the same path, so it gets a new cgroup id ([`Pod::cgroup_id`]). The network
+    /// namespace stays.
+    pub fn recreate_cgroup(&self) -> Result<()> {
+        sys::kill_and_remove_cgroup(&self.cgroup)?;
+        sys::mkdir_all(&self.cgroup)
+    }
+
+    /// Removes everything of the pod: processes, veth, network namespace, cgroup.
+    pub(crate) fn destroy(&self) -> Result<()> {
+        self.delete_netns()?;
+        sys::kill_and_remove_cgroup(&self.cgroup)
     }
 
     /// A `Command` that runs `program` inside this pod's cgroup and netns.
@@ -153,10 +275,17 @@ impl Pod {
 
     /// `curl -sS -g --max-time 10 URL` (body on stdout) in the pod.
     pub fn curl(&self, url: &str) -> Result<RunOutput> {
+        self.curl_within(url, Duration::from_secs(10))
+    }
+
+    /// `curl -sS -g --max-time SECS URL` in the pod: a fetch that gives up after `max_time`
+    /// (curl exits 28), for attempts repeated in a loop.
+    pub fn curl_within(&self, url: &str, max_time: Duration) -> Result<RunOutput> {
+        let secs = format!("{:.3}", max_time.as_secs_f64());
         self.run(
             "curl",
-            ["-sS", "-g", "--max-time", "10", url],
-            Duration::from_secs(15),
+            ["-sS", "-g", "--max-time", &secs, url],
+            max_time + Duration::from_secs(5),
         )
     }
 

@@ -61,9 +61,37 @@ pub fn ip_in(netns: &str, args: &[&str]) -> Result<()> {
     run_checked(Command::new("ip").arg("-n").arg(netns).args(args)).map(drop)
 }
 
+/// Creates a network namespace and turns IPv6 duplicate address detection off in it, before
+/// any link exists: otherwise link-local addresses stay tentative for a while and the first
+/// IPv6 connection across nodes stalls ~2 s.
 pub fn netns_add(name: &str) -> Result<()> {
-    let _serial = NETNS_ADD.lock().unwrap_or_else(|e| e.into_inner());
-    ip(&["netns", "add", name])
+    {
+        let _serial = NETNS_ADD.lock().unwrap_or_else(|e| e.into_inner());
+        ip(&["netns", "add", name])?;
+    }
+    let no_dad = ["all", "default"].map(|d| (format!("net/ipv6/conf/{d}/accept_dad"), "0"));
+    sysctls_in(&netns_path(name), &no_dad).with_context(|| format!("sysctls in {name}"))
+}
+
+/// `ip netns del NAME`, unless there is no such namespace. The namespace itself lives on while
+/// anything still holds it (a process in it, an open file, a copy of its mount in another
+/// mount namespace); only the name is gone at once.
+pub fn netns_del(name: &str) -> Result<()> {
+    if !netns_path(name).exists() {
+        return Ok(());
+    }
+    ip(&["netns", "del", name])
+}
+
+/// Whether the network namespace `netns` (a name) has a link called `dev`.
+pub fn link_exists(netns: &str, dev: &str) -> Result<bool> {
+    let status = Command::new("ip")
+        .args(["-n", netns, "link", "show", "dev", dev])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .context("run ip link show")?;
+    Ok(status.success())
 }
 
 pub fn netns_path(name: &str) -> PathBuf {
@@ -208,6 +236,50 @@ pub fn mkdir_all(path: &Path) -> Result<()> {
         }
     }
     Err(last.unwrap()).with_context(|| format!("mkdir -p {}", path.display()))
+}
+
+/// Kills every process in the cgroup subtree at `dir` (`cgroup.kill`) and waits (up to 5 s)
+/// until none is left (`populated 0` in `cgroup.events`, which counts the whole subtree).
+pub fn kill_cgroup(dir: &Path) -> Result<()> {
+    let kill = dir.join("cgroup.kill");
+    fs::write(&kill, "1").with_context(|| format!("write 1 to {}", kill.display()))?;
+    let events = dir.join("cgroup.events");
+    let empty = || {
+        fs::read_to_string(&events)
+            .map(|t| t.lines().any(|l| l == "populated 0"))
+            .unwrap_or(false)
+    };
+    if !poll(Duration::from_secs(5), Duration::from_millis(10), empty) {
+        let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        bail!(
+            "processes still in {} 5 s after cgroup.kill: {}",
+            dir.display(),
+            procs.split_whitespace().collect::<Vec<_>>().join(" ")
+        );
+    }
+    Ok(())
+}
+
+/// Writes `contents` to `path` atomically: to a temporary file in the same directory, then
+/// renamed over `path`, so a reader sees the old file or the new one, never a part. (Processes
+/// that bind-mounted the old file, like pods' /etc/hosts, keep seeing the old one.)
+pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} has no file name", path.display()))?;
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp-{}-{n}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    fs::write(&tmp, contents).with_context(|| format!("write {}", tmp.display()))?;
+    if let Err(e) = fs::rename(&tmp, path) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("rename {} to {}", tmp.display(), path.display()));
+    }
+    Ok(())
 }
 
 /// Kills every process in the cgroup subtree at `dir` and removes the subtree,

@@ -723,7 +723,13 @@ fn hbone_connect(
         let expected: SpiffeId = WEB_ID.parse()?;
         Ok(
             match hbone
-                .open(("default/client", &client), &netns, via, &expected, authority)
+                .open(
+                    ("default/client", &client),
+                    &netns,
+                    via,
+                    &expected,
+                    authority,
+                )
                 .await
             {
                 Ok(mut stream) => stream.reader.accepted().await.map_err(|e| e.to_string()),

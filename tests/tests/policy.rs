@@ -7,7 +7,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use common::{HOLD_ECHO, LOG_WAIT, wait_for_exit, web_root};
+use common::{HOLD_ECHO, LOG_WAIT, peer_auth, wait_for_exit, web_root};
 use mesh_tests::{Cluster, NodeSpec, Pod, PodSpec, RunOutput, http_url};
 use serde_json::Value;
 
@@ -119,15 +119,6 @@ impl Setup {
             .wait_for_log("node-b", pred, LOG_WAIT)
             .with_context(|| format!("node-b never logged {what}"))
     }
-}
-
-fn peer_auth(name: &str, namespace: &str, selector: Option<&str>, mode: &str) -> String {
-    let selector = selector
-        .map(|app| format!("  selector:\n    matchLabels:\n      app: {app}\n"))
-        .unwrap_or_default();
-    format!(
-        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: {name}\n  namespace: {namespace}\nspec:\n{selector}  mtls:\n    mode: {mode}\n"
-    )
 }
 
 #[test]
