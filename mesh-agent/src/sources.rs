@@ -31,8 +31,7 @@ impl ClusterFileSource {
     /// Reads the file now: without a good first state there is nothing to serve.
     pub fn load(path: &Path, node: &str) -> anyhow::Result<State> {
         let cluster = Cluster::load(path)?;
-        Ok(State::build(cluster, node)
-            .map_err(|err| anyhow::anyhow!("{}: {err}", path.display()))?)
+        State::build(cluster, node).map_err(|err| anyhow::anyhow!("{}: {err}", path.display()))
     }
 
     /// Polls the file every `interval` until `shutdown`, publishing each good edit to `store`.
