@@ -369,6 +369,11 @@ pub struct ChildGuard {
 }
 
 impl ChildGuard {
+    /// Guards a process the caller started; `name` names it in messages.
+    pub fn new(child: Child, name: String) -> Self {
+        Self { child, name }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
