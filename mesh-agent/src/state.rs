@@ -376,7 +376,7 @@ services:
     #[test]
     fn a_published_snapshot_replaces_the_current_one() {
         let store = StateStore::new(state("node-a"));
-        let mut changes = store.subscribe();
+        let changes = store.subscribe();
         assert_eq!(store.load().local_workloads().len(), 2);
         store.publish(state("node-b"));
         assert!(changes.has_changed().unwrap());
