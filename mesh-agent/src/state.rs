@@ -99,12 +99,7 @@ impl State {
             .position(|n| n.name.as_str() == node)
             .ok_or_else(|| StateError::UnknownNode {
                 node: node.to_owned(),
-                known: cluster
-                    .nodes
-                    .iter()
-                    .map(|n| n.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                known: cluster.node_names(),
             })?;
         let mut by_ip = HashMap::new();
         let mut by_uid = HashMap::new();

@@ -314,13 +314,17 @@ impl Cluster {
             .ok_or_else(|| ClusterFileError::UnknownNode {
                 path: path.to_owned(),
                 node: name.to_owned(),
-                known: self
-                    .nodes
-                    .iter()
-                    .map(|n| n.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                known: self.node_names(),
             })
+    }
+
+    /// The nodes' names, for messages: `node-a, node-b`.
+    pub fn node_names(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| n.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// The workload that owns `ip`, on any node.
