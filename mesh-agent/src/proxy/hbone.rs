@@ -36,7 +36,9 @@ use crate::{
 /// Port of the HBONE listener on every workload IP (shared with the kernel side, which leaves it
 /// alone).
 pub use mesh_ebpf_common::HBONE_PORT;
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Between agents of one cluster a TCP handshake takes milliseconds: a node that does not answer
+/// within this is treated as gone, so a Service's next endpoint still has time.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub struct HboneClient {
     pool: Mutex<HashMap<PoolKey, Slot>>,
@@ -50,12 +52,12 @@ pub struct HboneClient {
 /// counted on its connection before the next caller chooses (the peer's stream limit holds).
 type Slot = Arc<tokio::sync::Mutex<Vec<PooledConnection>>>;
 
-/// A pooled connection whose peer has not answered a PING for this long is not handed new
-/// streams; its TCP user timeout ends it.
-const PING_INTERVAL: Duration = Duration::from_secs(1);
+/// How often an idle pooled connection PINGs its peer; a peer that does not answer within
+/// [`TCP_USER_TIMEOUT`] gets no new streams.
+const PING_INTERVAL: Duration = Duration::from_millis(500);
 /// Unacknowledged data (a PING, a stream's first bytes) for this long kills the connection: a
-/// peer that vanished without a reset is noticed within seconds, not TCP's minutes.
-const TCP_USER_TIMEOUT: Duration = Duration::from_secs(2);
+/// peer that vanished without a reset is noticed within 2 s, not TCP's minutes.
+const TCP_USER_TIMEOUT: Duration = Duration::from_millis(1500);
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct PoolKey {
