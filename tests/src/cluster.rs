@@ -20,6 +20,7 @@ use serde_json::Value;
 
 use crate::pod::run_with_timeout;
 use crate::pod::{ChildGuard, Pod, tail_of};
+use crate::services::{Service, ServiceSpec};
 use crate::sys::{self, BPFFS, CGROUP_ROOT, ip, ip_in};
 
 /// How long an agent may take to log `agent ready`.
@@ -135,6 +136,7 @@ pub struct ClusterBuilder {
     trust_domain: String,
     settings: MeshSettings,
     nodes: Vec<NodeSpec>,
+    services: Vec<ServiceSpec>,
 }
 
 /// Mesh-wide settings written to the cluster file (durations as humantime strings, "24h").
@@ -156,6 +158,7 @@ impl ClusterBuilder {
             trust_domain: "cluster.local".into(),
             settings: MeshSettings::default(),
             nodes: Vec::new(),
+            services: Vec::new(),
         }
     }
     pub fn trust_domain(mut self, td: &str) -> Self {
@@ -174,6 +177,11 @@ impl ClusterBuilder {
     }
     pub fn node(mut self, node: NodeSpec) -> Self {
         self.nodes.push(node);
+        self
+    }
+    /// A Service (virtual IPs given in order: 10.96.1.1, 10.96.1.2, ...; see [`Service`]).
+    pub fn service(mut self, service: ServiceSpec) -> Self {
+        self.services.push(service);
         self
     }
 
@@ -200,6 +208,13 @@ impl ClusterBuilder {
             trust_domain: self.trust_domain.clone(),
             settings: self.settings.clone(),
             nodes: Vec::new(),
+            services: self
+                .services
+                .iter()
+                .cloned()
+                .zip(0..)
+                .map(|(spec, k)| Service::allocate(spec, k))
+                .collect(),
             netns: Mutex::new(Vec::new()),
             agents: Mutex::new(HashMap::new()),
             edits: Mutex::new(()),
@@ -346,6 +361,7 @@ pub struct Cluster {
     cgroup_dir: PathBuf,
     pin_root: PathBuf,
     nodes: Vec<Node>,
+    services: Vec<Service>,
     /// Network namespaces created so far, in creation order.
     netns: Mutex<Vec<String>>,
     agents: Mutex<HashMap<String, Agent>>,
@@ -413,6 +429,7 @@ impl Cluster {
         }
         self.add_node_routes()?;
         self.write_cluster_file()?;
+        self.program_kube_proxy()?;
         Ok(())
     }
 
@@ -690,14 +707,46 @@ impl Cluster {
         // The machine's own entries first: programs look up their host's name at start (Python's
         // http.server does), and a miss goes to DNS, which is out of reach here.
         let mut hosts = fs::read_to_string("/etc/hosts").unwrap_or_default();
+        // A name that is both a Service's and a pod's is the Service's alone (resolvers return
+        // every address of a name and may prefer the pod's).
+        hosts.push_str("\n# services of this test cluster\n");
+        for service in &self.services {
+            hosts.push_str(&service.hosts_lines(&self.trust_domain));
+        }
         hosts.push_str("\n# pods of this test cluster\n");
-        for pod in self.nodes.iter().flat_map(|n| n.pods()) {
+        let pods = self.nodes.iter().flat_map(|n| n.pods());
+        for pod in pods.filter(|p| self.services.iter().all(|s| s.name() != p.name)) {
             hosts.push_str(&format!(
                 "{} {}\n{} {}\n",
                 pod.ipv4, pod.name, pod.ipv6, pod.name
             ));
         }
         sys::write_atomic(&self.workdir.join(crate::pod::HOSTS_FILE), hosts.as_bytes())
+    }
+
+    /// The cluster's Services, as created (with their virtual IPs).
+    pub fn services(&self) -> &[Service] {
+        &self.services
+    }
+
+    pub fn service(&self, name: &str) -> Result<&Service> {
+        self.services
+            .iter()
+            .find(|s| s.name() == name)
+            .ok_or_else(|| anyhow!("no service {name} in cluster {}", self.id))
+    }
+
+    /// Every node plays kube-proxy for the pods outside the mesh (mesh pods' connections to a
+    /// virtual IP are the agent's).
+    fn program_kube_proxy(&self) -> Result<()> {
+        if self.services.is_empty() {
+            return Ok(());
+        }
+        let pods: Vec<&Pod> = self.nodes.iter().flat_map(|n| n.pods()).collect();
+        for node in &self.nodes {
+            crate::services::program_node(&node.netns, &self.workdir, &self.services, &pods)?;
+        }
+        Ok(())
     }
 
     /// Where the agents read Istio security policies from (`policy.path` of the cluster file).
@@ -797,6 +846,7 @@ impl Cluster {
                         .collect(),
                 })
                 .collect(),
+            services: self.services.iter().map(Service::file_entry).collect(),
         };
         serde_yaml_ng::to_string(&doc).context("serialize cluster file")
     }
@@ -905,6 +955,7 @@ impl Cluster {
     /// cluster file stays the same, waits until every running agent has loaded it.
     fn publish(&self) -> Result<()> {
         self.write_hosts_file()?;
+        self.program_kube_proxy()?;
         let text = self.cluster_file_text()?;
         if fs::read_to_string(&self.cluster_file).is_ok_and(|old| old == text) {
             return Ok(());
@@ -1302,6 +1353,8 @@ struct FileDoc {
     hbone: FileHbone,
     policy: FilePolicy,
     nodes: Vec<FileNode>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    services: Vec<crate::services::FileService>,
 }
 
 #[derive(Serialize)]

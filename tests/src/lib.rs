@@ -44,6 +44,7 @@ mod cluster;
 pub mod interrupt;
 mod pod;
 pub mod seed;
+mod services;
 mod sweep;
 pub mod sys;
 
@@ -53,4 +54,5 @@ pub use cluster::{
     NodeSpec, PodSpec, Reload, agent_bin, scratch_root,
 };
 pub use pod::{ChildGuard, HttpServer, Pod, RunOutput, addr, http_url, run_with_timeout};
+pub use services::{Service, ServiceSpec};
 pub use sweep::{owner_pid, sweep_stale};

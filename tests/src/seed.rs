@@ -3,8 +3,11 @@
 //!
 //! Namespace `tutorial`: `customer` and `recommendation-v1` on node-a, `preference` and
 //! `recommendation-v2` on node-b, and a `curl` pod on node-a that is not in the mesh.
-//! `preference` answers `preference => <recommendation's answer>`, calling recommendation v1
-//! and v2 in turn. The load alternates `curl http://preference:8080` from the curl pod and from
+//! Services `preference` and `recommendation` (virtual IPs; pods resolve the names to them).
+//! `preference` answers `preference => <recommendation's answer>`, calling the recommendation
+//! Service, which the agent spreads over v1 and v2 (the curl pod, outside the mesh, reaches
+//! preference through the nodes' kube-proxy rules). The load alternates
+//! `curl http://preference:8080` from the curl pod and from
 //! the customer pod, as the story's shell loop does, while the [`Step`]s change the policy.
 //! What the agents logged on the serving side of every hop becomes a Kiali-like table of
 //! [`Edge`]s.
@@ -20,7 +23,7 @@ use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 
 use crate::pod::{ChildGuard, run_with_timeout};
-use crate::{Cluster, NodeSpec, Pod, PodSpec};
+use crate::{Cluster, NodeSpec, Pod, PodSpec, ServiceSpec};
 
 pub const NAMESPACE: &str = "tutorial";
 pub const PORT: u16 = 8080;
@@ -56,7 +59,14 @@ pub fn build_cluster() -> Result<Cluster> {
             .service_account(sa)
             .label("app", app)
     };
+    let service = |name: &str| {
+        ServiceSpec::new(name, name)
+            .namespace(NAMESPACE)
+            .port(PORT, PORT)
+    };
     Cluster::builder()
+        .service(service("preference"))
+        .service(service("recommendation"))
         .node(
             NodeSpec::new("node-a")
                 .pod(pod("customer", "customer", "customer"))
@@ -142,7 +152,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 Server(("::", port), Handler).serve_forever()
 "#;
 
-/// `preference PORT URL...`: calls the URLs in turn and answers `preference => <answer>`.
+/// `preference PORT URL...`: calls the URLs in turn (here one: the recommendation Service) and
+/// answers `preference => <answer>`.
 const PREFERENCE: &str = r#"
 import itertools, threading, urllib.request
 port, upstreams = int(sys.argv[1]), itertools.cycle(sys.argv[2:])
@@ -167,11 +178,11 @@ fn start_recommendation(pod: &Pod, version: &str) -> Result<ChildGuard> {
     start_python(pod, &script, &[version, pod.name(), &PORT.to_string()])
 }
 
+/// preference calls the `recommendation` Service; the agent spreads the calls over v1 and v2.
 fn start_preference(pod: &Pod) -> Result<ChildGuard> {
     let script = format!("{SERVER_PRELUDE}{PREFERENCE}");
-    let v1 = format!("http://recommendation-v1:{PORT}/");
-    let v2 = format!("http://recommendation-v2:{PORT}/");
-    start_python(pod, &script, &[&PORT.to_string(), &v1, &v2])
+    let recommendation = format!("http://recommendation:{PORT}/");
+    start_python(pod, &script, &[&PORT.to_string(), &recommendation])
 }
 
 /// Runs `python3 -c script args...` in the pod (output to a log file in the cluster's scratch

@@ -133,15 +133,79 @@ fn customer_calls_preference_over_mtls_on_its_own_node_too() -> Result<()> {
         .iter()
         .map(|ip| addr(*ip, seed::PORT))
         .collect();
+    // customer calls the preference Service: the line names the endpoint it went to.
+    let endpoint = |c: &mesh_tests::ConnectionLog| {
+        c.other
+            .get("endpoint")
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+            .unwrap_or_default()
+    };
     let out = s.cluster.wait_for_connection(
         "node-a",
-        |c| c.src_workload == "tutorial/customer" && dsts.contains(&c.dst),
+        |c| c.src_workload == "tutorial/customer" && dsts.contains(&endpoint(c)),
         Duration::from_secs(10),
     )?;
     ensure!(out.other["security"] == "mutual_tls", "{out:?}");
     ensure!(
         out.other["peer_identity"] == "spiffe://cluster.local/ns/tutorial/sa/preference",
         "{out:?}"
+    );
+    Ok(())
+}
+
+/// `preference` and `recommendation` are Services: customer's calls go to preference's virtual
+/// IP, and preference's calls to recommendation's are spread by its agent over v1 and v2.
+#[test]
+fn the_names_are_services_and_the_agent_spreads_recommendation() -> Result<()> {
+    let s = Seed::new()?;
+    for _ in 0..4 {
+        let call = seed::curl_preference(&s.cluster, Client::Customer)?;
+        ensure!(call.exit_code == Some(0), "customer's call: {call:?}");
+    }
+    // Either family: the pods resolve each name to both virtual IPs.
+    let vips = |name: &str| -> Result<[String; 2]> {
+        let service = s.cluster.service(name)?;
+        Ok([addr(service.ipv4, 8080), addr(service.ipv6, 8080)])
+    };
+    let (preference_vips, recommendation_vips) = (vips("preference")?, vips("recommendation")?);
+    let service_of = |c: &mesh_tests::ConnectionLog| {
+        c.other
+            .get("service")
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+    };
+    let customer_lines = s.cluster.connections("node-a")?;
+    ensure!(
+        customer_lines
+            .iter()
+            .any(|c| c.src_workload == "tutorial/customer"
+                && preference_vips.contains(&c.dst)
+                && service_of(c).as_deref() == Some("tutorial/preference")),
+        "no line of customer to preference's virtual IPs: {customer_lines:#?}"
+    );
+    let endpoints: std::collections::BTreeSet<String> = s
+        .cluster
+        .connections("node-b")?
+        .into_iter()
+        .filter(|c| c.src_workload == "tutorial/preference" && recommendation_vips.contains(&c.dst))
+        .filter_map(|c| {
+            c.other
+                .get("endpoint")
+                .and_then(|v| v.as_str())
+                .map(str::to_owned)
+        })
+        .collect();
+    let reached = |pod: &str| -> Result<bool> {
+        let pod = seed::pod(&s.cluster, pod)?;
+        Ok(pod
+            .ips()
+            .iter()
+            .any(|ip| endpoints.contains(&addr(*ip, 8080))))
+    };
+    ensure!(
+        reached("recommendation-v1")? && reached("recommendation-v2")?,
+        "preference's calls to the recommendation Service reached only {endpoints:?}"
     );
     Ok(())
 }

@@ -12,7 +12,8 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 /// Debian packages used by the tests, the demo and the benchmarks (prometheus: promtool;
-/// fonts-dejavu-core: the font of mesh-bench's PNG chart; linux-perf: `bench --profile`).
+/// fonts-dejavu-core: the font of mesh-bench's PNG chart; linux-perf: `bench --profile`;
+/// nftables: the test cluster's stand-in for kube-proxy, for pods outside the mesh).
 const DEB_PACKAGES: &[&str] = &[
     "iproute2",
     "curl",
@@ -28,6 +29,7 @@ const DEB_PACKAGES: &[&str] = &[
     "prometheus",
     "fonts-dejavu-core",
     "linux-perf",
+    "nftables",
 ];
 /// Later versions need a system LLVM that Debian 12 lacks (see shared/ebpf-notes.md).
 const BPF_LINKER_VERSION: &str = "0.10.4";

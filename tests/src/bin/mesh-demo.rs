@@ -30,7 +30,7 @@ fn run() -> Result<()> {
     let seed = Seed::start(cluster)?;
     interrupt::check()?;
     println!(
-        "   preference answers `preference => <recommendation's answer>`, calling v1 and v2 in turn"
+        "   preference answers `preference => <recommendation's answer>`, calling the recommendation Service (the agent spreads it over v1 and v2)"
     );
     println!(
         "   load: `curl -s {}` from the curl pod and the customer pod, in turn",
