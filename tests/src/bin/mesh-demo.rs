@@ -108,6 +108,15 @@ fn describe(cluster: &Cluster) {
             );
         }
     }
+    println!("   services (pods resolve these names to the virtual IPs)");
+    for service in cluster.services() {
+        println!(
+            "     {:<26} {:<9} {}",
+            service.name(),
+            service.ipv4,
+            service.ipv6
+        );
+    }
 }
 
 fn print_changes(changes: &[PolicyChange]) {

@@ -19,7 +19,10 @@
 //! figure is the median over the repetitions; paths are interleaved. Once per run: the eBPF
 //! programs' cost per captured connection (kernel BPF statistics around the mesh path's
 //! new-connections runs, [`bpf_stats`]) and the agents' RSS idle and with 10,000 idle
-//! connections held through the mesh ([`idle`]). The markdown report is printed and written to
+//! connections held through the mesh ([`idle`]). Last, the mesh path's new connections and
+//! request/response latency with the cluster's own state and with 10,000 more workloads and
+//! 1,000 Services, switched live, and the time and memory an agent needs to apply one change at
+//! that size ([`state_scale`]). The markdown report is printed and written to
 //! `bench/results/latest.md`.
 
 use std::collections::BTreeMap;
@@ -38,6 +41,7 @@ mod chart;
 mod idle;
 mod profile;
 mod report;
+mod state_scale;
 mod stunnel;
 mod usage;
 
@@ -68,6 +72,8 @@ struct Opts {
     iperf_secs: u32,
     rr_n: usize,
     cr_n: usize,
+    /// One-workload changes applied at the large state ([`state_scale`]).
+    scale_changes: usize,
 }
 
 impl Opts {
@@ -100,6 +106,7 @@ impl Opts {
                 iperf_secs: 2,
                 rr_n: 5000,
                 cr_n: 2000,
+                scale_changes: 3,
             }
         } else {
             Opts {
@@ -110,6 +117,7 @@ impl Opts {
                 iperf_secs: 10,
                 rr_n: 20000,
                 cr_n: 2000,
+                scale_changes: 5,
             }
         })
     }
@@ -198,6 +206,8 @@ struct Results {
     bpf: Option<bpf_stats::BpfCost>,
     /// Agent memory with many idle connections open.
     idle: Option<idle::IdleConnections>,
+    /// The mesh path with a small and a large state, and the cost of one change.
+    state_scale: Option<state_scale::StateScale>,
     errors: Vec<String>,
 }
 
@@ -435,6 +445,13 @@ fn run(opts: &Opts) -> Result<()> {
         ));
     }
 
+    interrupt::check()?;
+    measure_state_scale(&cluster, &mesh, &helper, opts, &mut res);
+    if let Err(e) = idle::check_agents_healthy(&cluster, || conn_rate(&mesh, &helper, 5)) {
+        res.errors
+            .push(format!("agents after the state-size measurement: {e:#}"));
+    }
+
     drop(stunnels);
     drop(guards);
     let elapsed = started.elapsed();
@@ -510,6 +527,33 @@ fn measure_idle_connections(
         }
         Err(e) => res.errors.push(format!("{n} idle connections: {e:#}")),
     }
+}
+
+/// The mesh path's figures with the small and the large state, and one change at the large one.
+fn measure_state_scale(
+    cluster: &Cluster,
+    mesh: &Target,
+    helper: &Path,
+    opts: &Opts,
+    res: &mut Results,
+) {
+    let started = Instant::now();
+    let figures = || -> Result<Vec<(Figure, f64)>> {
+        let mut v = run_test(Test::Rr, mesh, helper, opts)?;
+        v.extend(run_test(Test::ConnRate, mesh, helper, opts)?);
+        Ok(v)
+    };
+    match state_scale::measure(cluster, opts, opts.scale_changes, figures) {
+        Ok(m) => {
+            res.errors.extend(m.errors.iter().cloned());
+            res.state_scale = Some(m);
+        }
+        Err(e) => res.errors.push(format!("state size: {e:#}")),
+    }
+    eprintln!(
+        "mesh-bench: state size measured in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
 }
 
 fn chart_title(opts: &Opts) -> String {
