@@ -447,6 +447,33 @@ fn workload_metadata_update_keeps_its_connections() -> Result<()> {
     Ok(())
 }
 
+/// A label change is a policy change for the workload: a DENY policy that now selects it
+/// closes its open connections, as a policy edit would.
+#[test]
+fn a_label_change_reevaluates_policy_on_open_connections() -> Result<()> {
+    let cluster = mesh()?;
+    let client = cluster.pod("node-a", "client")?;
+    let web = cluster.pod("node-b", "web")?;
+    let _echo = web.tcp_echo(ECHO_PORT)?;
+    cluster.apply_policy(
+        "deny-locked",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-locked\n  namespace: default\nspec:\n  selector:\n    matchLabels:\n      locked: \"yes\"\n  action: DENY\n  rules:\n  - from:\n    - source:\n        principals: [\"cluster.local/ns/default/sa/client\"]\n",
+    )?;
+    let mut held = hold_echo(client, web.ipv4(), ECHO_PORT)?;
+    held.ensure_up()?;
+    cluster.update_pod("node-b", "web", |spec| spec.label("locked", "yes"))?;
+    let why = held
+        .wait_broken(NOTICE)
+        .context("the connection to web after a label made the DENY policy select it")?;
+    eprintln!("the held connection ended: {why}");
+    cluster.wait_for_log(
+        "node-b",
+        |l| l["message"] == "policy changed: closing a connection it no longer allows",
+        LOG_WAIT,
+    )?;
+    Ok(())
+}
+
 #[test]
 fn bad_cluster_file_edit_keeps_last_good_state() -> Result<()> {
     let cluster = mesh()?;

@@ -112,6 +112,32 @@ fn cluster_file_with_stream_limit(cluster: &Cluster, limit: u32) -> Result<PathB
     Ok(path)
 }
 
+/// Python (argv: port): a dual-stack TCP echo server, one thread per connection, with a
+/// backlog deep enough for a burst of connections (socat's default of 5 makes part of a burst
+/// of 50 wait for a SYN retransmission, a second).
+const ECHO_SERVER: &str = r#"
+import socket, sys, threading
+srv = socket.create_server(("::", int(sys.argv[1])), family=socket.AF_INET6,
+                           dualstack_ipv6=True, backlog=256)
+def echo(conn):
+    with conn:
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                return
+            conn.sendall(data)
+while True:
+    conn, _ = srv.accept()
+    threading.Thread(target=echo, args=(conn,), daemon=True).start()
+"#;
+
+/// Starts [`ECHO_SERVER`] on `port` in `pod` and waits until it accepts connections.
+fn echo_server(pod: &mesh_tests::Pod, port: u16) -> Result<mesh_tests::ChildGuard> {
+    let mut guard = pod.spawn("/usr/bin/python3", ["-c", ECHO_SERVER, &port.to_string()])?;
+    pod.wait_for_port(&mut guard, port)?;
+    Ok(guard)
+}
+
 /// Python (argv: host, port, n, secs): opens `n` connections to an echo server and keeps them
 /// all open; only once all are connected it sends one line on each, then reads every echo back,
 /// all within `secs` from the start. Prints `connected N`, then `echoed E of N` and up to 10
@@ -164,7 +190,23 @@ fn a_peer_allowing_10_streams_gets_several_connections() -> Result<()> {
         cluster.pod("node-a", "client")?,
         cluster.pod("node-b", "web")?,
     );
-    let _echo = web.tcp_echo(ECHO_PORT)?;
+    let _echo = echo_server(web, ECHO_PORT)?;
+    if std::env::var_os("POOL_WARM").is_some() {
+        // DEBUG
+        let out = client.run(
+            "/usr/bin/python3",
+            [
+                "-c",
+                MANY_ECHOES,
+                &web.ipv4().to_string(),
+                &ECHO_PORT.to_string(),
+                "1",
+                "5",
+            ],
+            Duration::from_secs(10),
+        )?; // DEBUG
+        eprintln!("warm-up: {}", out.stdout_str()); // DEBUG
+    } // DEBUG
 
     let started = Instant::now();
     let out = client.run(
@@ -180,7 +222,13 @@ fn a_peer_allowing_10_streams_gets_several_connections() -> Result<()> {
         Duration::from_secs(20),
     )?;
     let took = started.elapsed();
-    let _ = std::process::Command::new("sh").arg("-c").arg(format!("rm -rf /tmp/pooldbg && mkdir -p /tmp/pooldbg && sleep 1 && cp {}/*.log /tmp/pooldbg/", cluster.workdir().display())).status(); // DEBUG
+    let _ = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "rm -rf /tmp/pooldbg && mkdir -p /tmp/pooldbg && sleep 1 && cp {}/*.log /tmp/pooldbg/",
+            cluster.workdir().display()
+        ))
+        .status(); // DEBUG
     let report = out.stdout_str();
     eprintln!(
         "{CONNECTIONS} concurrent echo connections took {took:?}:\n{report}{}",
