@@ -262,24 +262,33 @@ fn setup_deb_packages() -> Result<()> {
     Ok(())
 }
 
+/// The nightly that builds the eBPF programs, pinned by date in `ebpf-toolchain` (read by
+/// mesh-agent's build.rs too), so every machine builds them with the same compiler.
+fn ebpf_toolchain() -> Result<String> {
+    let path = root().join("ebpf-toolchain");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(text.trim().to_owned())
+}
+
 fn setup_nightly() -> Result<()> {
-    let components = probe(&mut command(
-        "rustup component list --toolchain nightly --installed",
-    ));
+    let toolchain = ebpf_toolchain()?;
+    let components = probe(&mut command(&format!(
+        "rustup component list --toolchain {toolchain} --installed"
+    )));
     match components {
         Some(out) if out.lines().any(|l| l.trim() == "rust-src") => {
-            eprintln!("nightly toolchain with rust-src: installed");
+            eprintln!("{toolchain} toolchain with rust-src: installed");
             return Ok(());
         }
-        // Do not reinstall (= update) a nightly that is there: only add the component.
-        Some(_) => cmd(&mut command(
-            "rustup component add rust-src --toolchain nightly",
-        ))?,
-        None => cmd(&mut command(
-            "rustup toolchain install nightly --profile minimal --component rust-src",
-        ))?,
+        Some(_) => cmd(&mut command(&format!(
+            "rustup component add rust-src --toolchain {toolchain}"
+        )))?,
+        None => cmd(&mut command(&format!(
+            "rustup toolchain install {toolchain} --profile minimal --component rust-src"
+        )))?,
     }
-    eprintln!("nightly toolchain with rust-src: installed now");
+    eprintln!("{toolchain} toolchain with rust-src: installed now");
     Ok(())
 }
 
