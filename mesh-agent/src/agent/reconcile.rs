@@ -28,6 +28,9 @@ pub struct Reconciler {
     capture: Capture,
     context: Arc<NodeContext>,
     workloads: HashMap<String, Served>,
+    /// The state the workloads and the guard were last brought in line with: between changes,
+    /// a pass only looks at namespaces and cgroups.
+    synced: Option<Arc<State>>,
 }
 
 /// What the reconciler has done for one workload.
@@ -53,12 +56,13 @@ impl Reconciler {
             capture,
             context,
             workloads: HashMap::new(),
+            synced: None,
         }
     }
 
     /// Removes what a previous agent left in the kernel for workloads that are not in `state`
     /// (they left while no agent ran), then serves the others.
-    pub fn start(&mut self, state: &State) -> anyhow::Result<()> {
+    pub fn start(&mut self, state: &Arc<State>) -> anyhow::Result<()> {
         self.sync(state);
         let keep_cgroups: HashSet<u64> = self
             .workloads
@@ -78,7 +82,41 @@ impl Reconciler {
 
     /// Brings the kernel and the listeners in line with `state` and with the workloads'
     /// namespaces and cgroups as they are now.
-    pub fn sync(&mut self, state: &State) {
+    pub fn sync(&mut self, state: &Arc<State>) {
+        let changed = !self.synced.as_ref().is_some_and(|s| Arc::ptr_eq(s, state));
+        let guarded = changed && self.apply_changes(state);
+        for info in state.local_workloads() {
+            let observed = Observed::of(info);
+            let served = self
+                .workloads
+                .entry(info.uid.clone())
+                .or_insert_with(|| Served {
+                    info: info.clone(),
+                    cgroup_id: None,
+                    lifecycle: None,
+                    unserved: None,
+                });
+            follow_cgroup(&mut self.capture, served, observed.cgroup_id);
+            follow_netns(
+                &mut self.capture,
+                &self.context,
+                served,
+                observed.netns_inode,
+            );
+        }
+        if !guarded {
+            return;
+        }
+        // Last: the guard goes once nothing else of a removed workload is left.
+        match self.capture.retain_guarded(&local_ips(state)) {
+            Ok(()) => self.synced = Some(state.clone()),
+            Err(err) => error!(error = format!("{err:#}"), "cannot update the guarded IPs"),
+        }
+    }
+
+    /// Follows a new state: label updates in place, removals and replacements, then the guard
+    /// for every IP of the node. Returns whether the guard holds for them all.
+    fn apply_changes(&mut self, state: &State) -> bool {
         let desired: HashMap<&str, &Arc<WorkloadInfo>> = state
             .local_workloads()
             .iter()
@@ -107,34 +145,15 @@ impl Reconciler {
                 self.remove(served, if replaced { "changed" } else { "removed" });
             }
         }
-        if let Err(err) = self.capture.guard(&local_ips(state)) {
-            error!(
-                error = format!("{err:#}"),
-                "cannot guard the node's workload IPs"
-            );
-        }
-        for info in state.local_workloads() {
-            let observed = Observed::of(info);
-            let served = self
-                .workloads
-                .entry(info.uid.clone())
-                .or_insert_with(|| Served {
-                    info: info.clone(),
-                    cgroup_id: None,
-                    lifecycle: None,
-                    unserved: None,
-                });
-            follow_cgroup(&mut self.capture, served, observed.cgroup_id);
-            follow_netns(
-                &mut self.capture,
-                &self.context,
-                served,
-                observed.netns_inode,
-            );
-        }
-        // Last: the guard goes once nothing else of a removed workload is left.
-        if let Err(err) = self.capture.retain_guarded(&local_ips(state)) {
-            error!(error = format!("{err:#}"), "cannot update the guarded IPs");
+        match self.capture.guard(&local_ips(state)) {
+            Ok(()) => true,
+            Err(err) => {
+                error!(
+                    error = format!("{err:#}"),
+                    "cannot guard the node's workload IPs"
+                );
+                false
+            }
         }
     }
 
