@@ -72,8 +72,6 @@ struct Opts {
     iperf_secs: u32,
     rr_n: usize,
     cr_n: usize,
-    /// One-workload changes applied at the large state ([`state_scale`]).
-    scale_changes: usize,
 }
 
 impl Opts {
@@ -106,7 +104,6 @@ impl Opts {
                 iperf_secs: 2,
                 rr_n: 5000,
                 cr_n: 2000,
-                scale_changes: 3,
             }
         } else {
             Opts {
@@ -117,7 +114,6 @@ impl Opts {
                 iperf_secs: 10,
                 rr_n: 20000,
                 cr_n: 2000,
-                scale_changes: 5,
             }
         })
     }
@@ -538,12 +534,18 @@ fn measure_state_scale(
     res: &mut Results,
 ) {
     let started = Instant::now();
-    let figures = || -> Result<Vec<(Figure, f64)>> {
-        let mut v = run_test(Test::Rr, mesh, helper, opts)?;
-        v.extend(run_test(Test::ConnRate, mesh, helper, opts)?);
-        Ok(v)
+    let warm_up = || conn_rate(mesh, helper, 5).map(drop);
+    let figures = |rr_n, cr_n| -> Result<Vec<(Figure, f64)>> {
+        let (p50, p99) = rr(mesh, helper, rr_n)?;
+        let conns = conn_rate(mesh, helper, cr_n)?;
+        Ok(vec![
+            (Figure::RrP50Us, p50),
+            (Figure::RrP99Us, p99),
+            (Figure::ConnsPerS, conns),
+        ])
     };
-    match state_scale::measure(cluster, opts, opts.scale_changes, figures) {
+    let plan = state_scale::Plan::of(opts);
+    match state_scale::measure(cluster, &plan, warm_up, figures) {
         Ok(m) => {
             res.errors.extend(m.errors.iter().cloned());
             res.state_scale = Some(m);
