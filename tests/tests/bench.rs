@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 
-/// `--quick` takes about 75 s on the 2-CPU development machine.
+/// `--quick` takes about 100 s on the 2-CPU development machine.
 const TIMEOUT: Duration = Duration::from_secs(600);
 const PATH_COLUMNS: usize = 3;
 
@@ -64,10 +64,59 @@ fn quick_benchmark_measures_every_path_and_writes_its_report_and_chart() -> Resu
         report.contains("With 10000 idle connections:"),
         "no idle-connection memory in:\n{report}"
     );
+    check_state_size(&report)?;
     let chart = fs::read(out.0.join("latest.png")).context("latest.png")?;
     ensure!(
         chart.starts_with(b"\x89PNG\r\n\x1a\n"),
         "latest.png is not a PNG"
+    );
+    Ok(())
+}
+
+/// The "State size" section: the mesh figures with the small and the large state, and each
+/// agent's reload of one change at the large state, all measured.
+fn check_state_size(report: &str) -> Result<()> {
+    let section = report
+        .split_once("\n## State size\n")
+        .map(|(_, rest)| rest)
+        .with_context(|| format!("no State size section in:\n{report}"))?;
+    let row = |prefix: &str| -> Result<Vec<&str>> {
+        let line = section
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .with_context(|| format!("no row `{prefix}` in the State size section:\n{section}"))?;
+        Ok(line.split('|').map(str::trim).collect())
+    };
+    let positive = |cell: &str| cell.parse::<f64>().is_ok_and(|v| v > 0.0);
+    for figure in [
+        "new connections/s",
+        "RR 1 KiB latency p50",
+        "RR 1 KiB latency p99",
+    ] {
+        // "", label, small, large, ratio, ""
+        let cells = row(&format!("| state size: {figure}"))?;
+        ensure!(
+            cells.len() >= 5 && positive(cells[2]) && positive(cells[3]) && cells[4].ends_with('×'),
+            "small and large state are not both measured: {cells:?}"
+        );
+    }
+    for node in ["node-a", "node-b"] {
+        // "", agent, change, n, write → loaded, write → opened, opened → loaded, CPU, peak RSS, RSS
+        let cells = row(&format!("| {node} | one more workload"))?;
+        ensure!(
+            cells.len() >= 10
+                && positive(cells[3])
+                && positive(cells[4])
+                && positive(cells[7])
+                && positive(cells[8])
+                && cells[9].contains('→'),
+            "{node}'s reload of one change is not measured: {cells:?}"
+        );
+    }
+    ensure!(
+        section.contains("**Agent RSS, small → large state:**")
+            && section.contains("**One change at the large state:**"),
+        "no state-size summary in:\n{section}"
     );
     Ok(())
 }

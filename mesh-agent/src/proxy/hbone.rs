@@ -251,16 +251,8 @@ impl HboneClient {
             .handshake::<_, Bytes>(tls)
             .await
             .map_err(|source| HboneError::Http2 { dst, source })?;
-        info!(
-            src_identity = %key.source,
-            dst = %dst,
-            peer_identity = %peer,
-            "hbone connection established"
-        );
         let usage = Usage::new();
-        if let Some(ping_pong) = connection.ping_pong() {
-            tokio::spawn(keep_alive(ping_pong, usage.clone(), dst));
-        }
+        let mut ping_pong = connection.ping_pong();
         let (source, closed_peer, closed) = (key.source.clone(), peer.clone(), usage.clone());
         tokio::spawn(async move {
             if let Err(err) = connection.await {
@@ -269,6 +261,27 @@ impl HboneClient {
             closed.closed.store(true, Ordering::Release);
             info!(src_identity = %source, dst = %dst, peer_identity = %closed_peer, "hbone connection closed");
         });
+        // Until the peer's SETTINGS arrive, h2 knows no stream limit: a burst would put every
+        // stream on this connection and the peer would refuse those beyond its limit. The peer
+        // sends its SETTINGS before it answers a PING, so one round trip settles it.
+        if let Some(ping_pong) = ping_pong.as_mut() {
+            let pong = tokio::time::timeout(CONNECT_TIMEOUT, ping_pong.ping(h2::Ping::opaque()));
+            match pong.await {
+                Ok(Ok(_)) => {}
+                Ok(Err(source)) => return Err(HboneError::Http2 { dst, source }),
+                Err(_) => return Err(HboneError::ConnectTimeout { dst }),
+            }
+        }
+        info!(
+            src_identity = %key.source,
+            dst = %dst,
+            peer_identity = %peer,
+            max_streams = sender.current_max_send_streams(),
+            "hbone connection established"
+        );
+        if let Some(ping_pong) = ping_pong {
+            tokio::spawn(keep_alive(ping_pong, usage.clone(), dst));
+        }
         Ok(PooledConnection {
             sender,
             peer,

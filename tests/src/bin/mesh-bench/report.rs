@@ -184,7 +184,6 @@ pub fn report(opts: &Opts, res: &Results, check: &str, elapsed: Duration) -> Str
 
     write_bpf_cost(&mut s, res.bpf.as_ref());
     write_idle_connections(&mut s, res.idle.as_ref());
-    crate::state_scale::write_report(&mut s, res.state_scale.as_ref());
 
     let _ = writeln!(s, "\nRaw values per repetition:\n");
     for f in FIGURES {
@@ -203,6 +202,7 @@ pub fn report(opts: &Opts, res: &Results, check: &str, elapsed: Duration) -> Str
         }
     }
     let _ = writeln!(s, "\nMesh path check: {check}.");
+    crate::state_scale::write_report(&mut s, res.state_scale.as_ref());
     if !res.errors.is_empty() {
         let _ = writeln!(s, "\nErrors:\n");
         for e in &res.errors {
