@@ -10,9 +10,10 @@ use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
+        Arc, OnceLock,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
+    time::{Duration, Instant},
 };
 
 use arc_swap::ArcSwap;
@@ -44,13 +45,45 @@ pub struct ServiceInfo {
     pub endpoints: Vec<Arc<WorkloadInfo>>,
     /// Turns for spreading connections over the endpoints.
     turns: AtomicUsize,
+    /// Per endpoint: until when (ms on [`clock_ms`]) it is tried last, after a failed connect.
+    ejected_until: Vec<AtomicU64>,
 }
 
+/// How long an endpoint whose agent could not be reached goes to the back of the line.
+const EJECTION: Duration = Duration::from_secs(5);
+
 impl ServiceInfo {
-    /// A different number for each call: which endpoint to try first.
-    pub fn next_endpoint(&self) -> usize {
-        self.turns.fetch_add(1, Ordering::Relaxed)
+    /// The endpoints in the order to try them for one connection: from the next one in turn
+    /// (connections are spread evenly), those that failed recently last.
+    pub fn endpoints_in_turn(&self) -> Vec<(usize, &Arc<WorkloadInfo>)> {
+        let n = self.endpoints.len();
+        if n == 0 {
+            return Vec::new();
+        }
+        let first = self.turns.fetch_add(1, Ordering::Relaxed) % n;
+        let now = clock_ms();
+        let mut order: Vec<(usize, &Arc<WorkloadInfo>)> = (0..n)
+            .map(|k| (first + k) % n)
+            .map(|k| (k, &self.endpoints[k]))
+            .collect();
+        order.sort_by_key(|(k, _)| self.ejected_until[*k].load(Ordering::Relaxed) > now);
+        order
     }
+
+    /// The endpoint `k` could not be reached: try it last for a while.
+    pub fn eject(&self, k: usize) {
+        if let Some(until) = self.ejected_until.get(k) {
+            let ms = u64::try_from(EJECTION.as_millis()).unwrap_or(u64::MAX);
+            until.store(clock_ms().saturating_add(ms), Ordering::Relaxed);
+        }
+    }
+}
+
+/// Milliseconds on a monotonic clock that starts with the process.
+fn clock_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    let elapsed = START.get_or_init(Instant::now).elapsed().as_millis();
+    u64::try_from(elapsed).unwrap_or(u64::MAX)
 }
 
 /// One snapshot of the mesh as this node sees it.
@@ -129,6 +162,7 @@ impl State {
                 uid: service.qualified_name(),
                 hostname: service.hostname(&cluster.trust_domain),
                 service: service.clone(),
+                ejected_until: endpoints.iter().map(|_| AtomicU64::new(0)).collect(),
                 endpoints,
                 turns: AtomicUsize::new(0),
             });
@@ -345,6 +379,29 @@ services:
             state.destination("192.0.2.1:80".parse().unwrap()),
             Destination::Outside
         ));
+    }
+
+    #[test]
+    fn endpoints_take_turns_and_an_ejected_one_goes_last() {
+        let state = state("node-a");
+        let Destination::Service { service, .. } =
+            state.destination("10.96.0.10:80".parse().unwrap())
+        else {
+            panic!("the VIP is the service's");
+        };
+        let firsts: Vec<&str> = (0..4)
+            .map(|_| service.endpoints_in_turn()[0].1.uid.as_str())
+            .collect();
+        assert_eq!(firsts, ["demo/v1", "demo/v2", "demo/v1", "demo/v2"]);
+        service.eject(0);
+        for _ in 0..2 {
+            let order: Vec<&str> = service
+                .endpoints_in_turn()
+                .iter()
+                .map(|(_, w)| w.uid.as_str())
+                .collect();
+            assert_eq!(order, ["demo/v2", "demo/v1"]);
+        }
     }
 
     #[test]

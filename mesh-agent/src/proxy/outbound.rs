@@ -64,6 +64,8 @@ struct Endpoint {
     workload: Arc<WorkloadInfo>,
     /// The HBONE `:authority`: the endpoint's IP and the (target) port.
     authority: SocketAddr,
+    /// The Service it was chosen from, and its index there.
+    of_service: Option<(Arc<ServiceInfo>, usize)>,
 }
 
 /// How a relayed connection was secured, for logs (Istio's `connection_security_policy`).
@@ -170,6 +172,7 @@ async fn handle(mut conn: TcpStream, peer: SocketAddr, source: Arc<Source>) {
                 let endpoint = Endpoint {
                     workload: workload.clone(),
                     authority: dst,
+                    of_service: None,
                 };
                 forward_hbone(&mut conn, vec![endpoint], &source, &mut log).await
             }
@@ -202,20 +205,12 @@ async fn handle(mut conn: TcpStream, peer: SocketAddr, source: Arc<Source>) {
     }
 }
 
-/// The Service's endpoints for a connection to `dst`, in the order to try them: from the next
-/// one in turn (connections are spread evenly), then the others in case that one fails.
-fn endpoints_of(service: &ServiceInfo, dst: SocketAddr, target_port: u16) -> Vec<Endpoint> {
-    let endpoints = &service.endpoints;
-    if endpoints.is_empty() {
-        return Vec::new();
-    }
-    let first = service.next_endpoint() % endpoints.len();
-    endpoints
-        .iter()
-        .cycle()
-        .skip(first)
-        .take(endpoints.len())
-        .map(|workload| {
+/// The Service's endpoints for a connection to `dst`, in the order to try them.
+fn endpoints_of(service: &Arc<ServiceInfo>, dst: SocketAddr, target_port: u16) -> Vec<Endpoint> {
+    service
+        .endpoints_in_turn()
+        .into_iter()
+        .map(|(k, workload)| {
             let ip = workload
                 .workload
                 .ips
@@ -225,6 +220,7 @@ fn endpoints_of(service: &ServiceInfo, dst: SocketAddr, target_port: u16) -> Vec
             Endpoint {
                 workload: workload.clone(),
                 authority: SocketAddr::new(*ip, target_port),
+                of_service: Some((service.clone(), k)),
             }
         })
         .collect()
@@ -279,6 +275,9 @@ async fn forward_hbone(
             }
             Ok(Err(err)) => {
                 warn!(src_workload = %source.info.uid, endpoint = %endpoint.authority, error = %err, "endpoint unreachable; trying the next");
+                if let Some((service, k)) = &endpoint.of_service {
+                    service.eject(*k);
+                }
                 last_error = Some(err);
             }
             Err(_) => {
