@@ -317,8 +317,8 @@ async fn wait_for_stop_signal() -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     tokio::select! {
-        _ = term.recv() => info!(signal = "SIGTERM", "received"),
-        _ = int.recv() => info!(signal = "SIGINT", "received"),
+        _ = term.recv() => info!(signal = "SIGTERM", "signal received"),
+        _ = int.recv() => info!(signal = "SIGINT", "signal received"),
     }
     Ok(())
 }

@@ -259,7 +259,8 @@ async fn forward_hbone(
     let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
     let mut last_error = None;
     let mut opened = None;
-    for endpoint in endpoints {
+    let count = endpoints.len();
+    for (tried, endpoint) in endpoints.into_iter().enumerate() {
         let via = SocketAddr::new(endpoint.authority.ip(), HBONE_PORT);
         let open = source.mesh.hbone.open(
             (&source.info.uid, &source.info.identity),
@@ -274,7 +275,9 @@ async fn forward_hbone(
                 break;
             }
             Ok(Err(err)) => {
-                warn!(src_workload = %source.info.uid, endpoint = %endpoint.authority, error = %err, "endpoint unreachable; trying the next");
+                if tried + 1 < count {
+                    warn!(src_workload = %source.info.uid, endpoint = %endpoint.authority, error = %err, "endpoint unreachable; trying the next");
+                }
                 if let Some((service, k)) = &endpoint.of_service {
                     service.eject(*k);
                 }
