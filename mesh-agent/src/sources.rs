@@ -78,14 +78,10 @@ impl ClusterFileSource {
         let path = self.path.display();
         match loaded {
             Ok(state) => {
-                let before = self.store.load();
-                if before.cluster.identity != state.cluster.identity
-                    || before.cluster.policy.path != state.cluster.policy.path
-                    || before.cluster.trust_domain != state.cluster.trust_domain
-                {
+                if needs_restart(&self.store.load().cluster, &state.cluster) {
                     tracing::warn!(
                         path = %path,
-                        "the identity, trust domain and policy settings of the cluster file take effect at the next start"
+                        "the identity, trust domain, policy path and hbone settings of the cluster file take effect at the next start"
                     );
                 }
                 tracing::info!(
@@ -117,6 +113,14 @@ fn examine(
     }
     let loaded = ClusterFileSource::load(path, node);
     Some((current, loaded))
+}
+
+/// Whether settings the agent reads only at start differ.
+fn needs_restart(before: &Cluster, after: &Cluster) -> bool {
+    before.identity != after.identity
+        || before.policy.path != after.policy.path
+        || before.trust_domain != after.trust_domain
+        || before.hbone != after.hbone
 }
 
 fn fingerprint(path: &Path) -> Fingerprint {

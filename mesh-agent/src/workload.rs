@@ -106,7 +106,7 @@ pub struct IdentityConfig {
     pub certificate_lifetime: Duration,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HboneConfig {
     /// A pooled connection without streams for this long is closed.
