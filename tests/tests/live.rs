@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use common::{
-    HttpGet, LOG_WAIT, fetch, hold_echo, http_get, lines_for, peer_auth, poll_for, wait_next_conn,
-    web_root,
+    HttpGet, LOG_WAIT, assert_no_plaintext_served, fetch, hold_echo, http_get, lines_for,
+    peer_auth, poll_for, wait_next_conn, web_root,
 };
 use mesh_tests::{Cluster, NodeSpec, Pod, PodSpec, Reload, addr, http_url};
 
@@ -168,34 +168,8 @@ fn netns_recreated_under_strict(stop_agent: bool) -> Result<()> {
     let markers = plaintext_refused_for(&cluster, outside, web, HTTP_PORT, Duration::from_secs(3))?;
     let pcap = capture.stop()?;
 
-    let served: Vec<String> = server
-        .requests()?
-        .into_iter()
-        .filter(|l| l.contains("plaintext-marker"))
-        .collect();
-    ensure!(
-        served.is_empty(),
-        "web served plaintext requests: {served:?}"
-    );
-    // The client's packets may reach node-b's link; an answer from the app must not.
-    let responses = pcap.packets("http.response")?;
-    ensure!(
-        responses.is_empty(),
-        "HTTP responses to the plaintext client crossed node-b's link:\n{}",
-        responses.join("\n")
-    );
-    // The control: the capture saw the attempts, so its silence means something.
-    let syns = pcap.count(&format!(
-        "tcp.flags.syn == 1 && tcp.flags.ack == 0 && tcp.dstport == {HTTP_PORT} && \
-         (ip.src == {} || ipv6.src == {})",
-        outside.ipv4(),
-        outside.ipv6()
-    ))?;
-    ensure!(
-        syns >= 1,
-        "the capture saw none of the {} plaintext attempts: it proves nothing",
-        markers.len()
-    );
+    assert_no_plaintext_served(&server, &pcap, outside, HTTP_PORT, "plaintext-marker", 1)
+        .with_context(|| format!("{} plaintext attempts", markers.len()))?;
 
     if stop_agent {
         cluster.start_agent("node-b")?;

@@ -489,32 +489,8 @@ fn kill_9_at_random_points_never_bypasses() -> Result<()> {
     }
     let pcap = capture.stop()?;
 
-    let served: Vec<String> = server
-        .requests()?
-        .into_iter()
-        .filter(|l| l.contains("marker-"))
-        .collect();
-    ensure!(
-        served.is_empty(),
-        "web served plaintext requests while no agent ran: {served:?}"
-    );
-    let responses = pcap.packets("http.response")?;
-    ensure!(
-        responses.is_empty(),
-        "HTTP responses from web crossed node-b's link in plaintext:\n{}",
-        responses.join("\n")
-    );
-    // The control: the capture saw the plaintext attempts, so its silence means something.
-    let syns = pcap.count(&format!(
-        "tcp.flags.syn == 1 && tcp.flags.ack == 0 && tcp.dstport == {HTTP_PORT} && \
-         (ip.src == {} || ipv6.src == {})",
-        outside.ipv4(),
-        outside.ipv6()
-    ))?;
-    ensure!(
-        syns >= attempts,
-        "the capture saw {syns} SYNs of the {attempts} plaintext attempts: it proves nothing"
-    );
+    common::assert_no_plaintext_served(&server, &pcap, outside, HTTP_PORT, "marker-", attempts)
+        .context("while no agent ran")?;
     recoveries.sort();
     eprintln!(
         "{ITERATIONS} kills, {attempts} plaintext attempts refused; the mesh served again \

@@ -342,3 +342,42 @@ impl HeldEcho {
         Ok(last)
     }
 }
+
+/// That plaintext from `client` to the app's `port` never got an answer: none of the server's
+/// requests carries `marker`, no HTTP response is in `pcap` (the app's node link), and as the
+/// control, `pcap` saw at least `min_syns` of the client's SYNs (so its silence means something).
+pub fn assert_no_plaintext_served(
+    server: &mesh_tests::HttpServer,
+    pcap: &mesh_tests::Pcap,
+    client: &Pod,
+    port: u16,
+    marker: &str,
+    min_syns: usize,
+) -> Result<()> {
+    let served: Vec<String> = server
+        .requests()?
+        .into_iter()
+        .filter(|l| l.contains(marker))
+        .collect();
+    ensure!(
+        served.is_empty(),
+        "the app served plaintext requests: {served:?}"
+    );
+    let responses = pcap.packets("http.response")?;
+    ensure!(
+        responses.is_empty(),
+        "HTTP responses to the plaintext client crossed the node's link:\n{}",
+        responses.join("\n")
+    );
+    let syns = pcap.count(&format!(
+        "tcp.flags.syn == 1 && tcp.flags.ack == 0 && tcp.dstport == {port} && \
+         (ip.src == {} || ipv6.src == {})",
+        client.ipv4(),
+        client.ipv6()
+    ))?;
+    ensure!(
+        syns >= min_syns,
+        "the capture saw {syns} SYNs of the plaintext client, want at least {min_syns}: it proves nothing"
+    );
+    Ok(())
+}
