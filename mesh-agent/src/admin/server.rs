@@ -371,6 +371,16 @@ impl Router {
         let dump = catch_unwind(AssertUnwindSafe(|| (self.state.config_dump)()));
         let json = dump
             .map_err(|_panic| "the config dump callback panicked".to_string())
+            .map(|mut value| {
+                if let Some(object) = value.as_object_mut() {
+                    let reasons = self.state.not_ready_reasons();
+                    object.insert(
+                        "readiness".to_owned(),
+                        serde_json::json!({"ready": reasons.is_empty(), "notReady": reasons}),
+                    );
+                }
+                value
+            })
             .and_then(|value| serde_json::to_string_pretty(&value).map_err(|e| e.to_string()));
         match json {
             Ok(mut json) => {
@@ -609,6 +619,17 @@ mod tests {
 
         let response = get(addrs.readiness, "/healthz/ready").await;
         assert_eq!(response.status, 503);
+        let why = "foo/sleep: network namespace /run/netns/sleep does not exist";
+        state.set_not_ready(vec![why.to_owned()]);
+        let response = get(addrs.readiness, "/healthz/ready").await;
+        assert_eq!(
+            (response.status, response.body.as_str()),
+            (503, format!("not ready\n{why}\n").as_str())
+        );
+        let response = get(addrs.admin, "/config_dump").await;
+        let json: serde_json::Value = serde_json::from_str(&response.body).expect("JSON");
+        assert_eq!(json["readiness"]["ready"], false);
+        assert_eq!(json["readiness"]["notReady"][0], why);
         state.set_ready(true);
         let response = get(addrs.readiness, "/healthz/ready").await;
         assert_eq!((response.status, response.body.as_str()), (200, "ready\n"));
@@ -617,6 +638,7 @@ mod tests {
         assert_eq!(response.status, 200);
         let json: serde_json::Value = serde_json::from_str(&response.body).expect("JSON");
         assert_eq!(json["workloads"][0]["name"], "sleep");
+        assert_eq!(json["readiness"]["ready"], true);
 
         let response = get(addrs.admin, "/").await;
         assert_eq!(response.status, 200);
