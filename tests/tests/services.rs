@@ -104,6 +104,23 @@ fn a_service_spreads_over_its_endpoints_maps_the_port_and_skips_the_unreachable(
         "endpoint {endpoint:?}: the port is not mapped"
     );
 
+    // Istio's metrics name the Service the client called.
+    let metrics = cluster.run_in_node(
+        "node-a",
+        "curl",
+        ["-sS", "--max-time", "5", "http://127.0.0.1:15020/metrics"],
+        std::time::Duration::from_secs(10),
+    )?;
+    let text = metrics.stdout_str();
+    ensure!(
+        text.lines()
+            .any(|l| l.starts_with("istio_tcp_connections_opened_total{")
+                && l.contains("reporter=\"source\"")
+                && l.contains("destination_service=\"web.default.svc.cluster.local\"")
+                && l.contains("connection_security_policy=\"mutual_tls\"")),
+        "no source-reported series with destination_service web.default.svc.cluster.local:\n{text}"
+    );
+
     // A port the Service does not declare is refused.
     let client = cluster.pod("node-a", "client")?;
     let out = client.curl(&format!("http://{VIP4}:8080/"))?;
