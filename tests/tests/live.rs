@@ -375,14 +375,22 @@ fn workload_added_and_removed_live() -> Result<()> {
         })
     })?;
 
-    // The connection to web, open all along, never noticed.
+    // The connection to web, open all along, never noticed: it still carries data after the
+    // removal, and it held until the end.
+    held.ensure_up().with_context(|| {
+        format!(
+            "the connection to web, after the remove of web2; {}",
+            logs(&cluster)
+        )
+    })?;
     let exchanged = held.finish().with_context(|| {
         format!(
             "the connection to web across the add and the remove; {}",
             logs(&cluster)
         )
     })?;
-    ensure!(exchanged >= 10, "only {exchanged} echo exchanges");
+    // 1 when opened, 3 after the add, 3 after the remove: whatever the timing, at least 7.
+    ensure!(exchanged >= 7, "only {exchanged} echo exchanges");
     Ok(())
 }
 
