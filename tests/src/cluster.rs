@@ -276,6 +276,16 @@ struct NodePods {
     next_index: u8,
 }
 
+impl NodePods {
+    /// Where the live pod `name` of `node` is in [`NodePods::live`].
+    fn position(&self, name: &str, node: &str) -> Result<usize> {
+        self.live
+            .iter()
+            .position(|p| p.name == name)
+            .ok_or_else(|| anyhow!("no pod {name} on node {node}"))
+    }
+}
+
 impl Node {
     pub fn name(&self) -> &str {
         &self.name
@@ -879,11 +889,7 @@ impl Cluster {
         let n = self.node(node)?;
         let pod = {
             let mut pods = n.lock_pods();
-            let k = pods
-                .live
-                .iter()
-                .position(|p| p.name == name)
-                .ok_or_else(|| anyhow!("no pod {name} on node {node}"))?;
+            let k = pods.position(name, node)?;
             let pod = pods.live.remove(k);
             pods.retired.push(pod.clone());
             pod
@@ -912,11 +918,7 @@ impl Cluster {
         let n = self.node(node)?;
         let new = {
             let mut pods = n.lock_pods();
-            let k = pods
-                .live
-                .iter()
-                .position(|p| p.name == name)
-                .ok_or_else(|| anyhow!("no pod {name} on node {node}"))?;
+            let k = pods.position(name, node)?;
             let spec = change(pods.live[k].spec());
             if spec.name != name {
                 bail!("update_pod cannot rename pod {name} to {}", spec.name);

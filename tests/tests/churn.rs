@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use common::{HttpGet, LOG_WAIT, http_get, poll_for, web_root};
+use common::{LOG_WAIT, http_get, poll_for, web_root};
 use mesh_tests::{Cluster, NodeSpec, Pod, PodSpec, Reload, addr, http_url, run_with_timeout};
 use serde_json::Value;
 
@@ -206,16 +206,6 @@ fn dir_names(dir: &Path) -> Result<BTreeSet<String>> {
     Ok(names)
 }
 
-fn describe(got: &HttpGet) -> String {
-    format!(
-        "curl exit {:?}, status {:?}, {} bytes, {}",
-        got.exit,
-        got.status,
-        got.body.len(),
-        got.stderr
-    )
-}
-
 /// `client` gets [`BODY`] from `url` before `deadline` (attempts of at most 500 ms each).
 fn get_before(cluster: &Cluster, url: &str, deadline: Instant) -> Result<Duration> {
     let client = cluster.pod("node-a", "client")?;
@@ -226,7 +216,7 @@ fn get_before(cluster: &Cluster, url: &str, deadline: Instant) -> Result<Duratio
         Ok(if got.is_ok_with(BODY) {
             Ok(())
         } else {
-            Err(describe(&got))
+            Err(got.describe())
         })
     })?;
     Ok(started.elapsed())

@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use common::{
-    HttpGet, LOG_WAIT, assert_no_plaintext_served, fetch, hold_echo, http_get, lines_for,
-    peer_auth, poll_for, wait_next_conn, web_root,
+    LOG_WAIT, assert_no_plaintext_served, fetch, hold_echo, http_get, lines_for, peer_auth,
+    poll_for, wait_next_conn, web_root,
 };
-use mesh_tests::{Cluster, NodeSpec, Pod, PodSpec, Reload, addr, http_url};
+use mesh_tests::{Cluster, Pod, PodSpec, Reload, addr, http_url};
 
 const BODY: &[u8] = b"<h1>live</h1>\n";
 const HTTP_PORT: u16 = 8080;
@@ -26,14 +26,7 @@ const NOTICE: Duration = Duration::from_secs(2);
 /// node-a: `client` (in the mesh) and `outside` (not in the mesh: a plaintext client);
 /// node-b: `web`. Agents running.
 fn mesh() -> Result<Cluster> {
-    let cluster = Cluster::builder()
-        .node(
-            NodeSpec::new("node-a")
-                .pod(PodSpec::new("client").service_account("client"))
-                .pod(PodSpec::new("outside").enrolled(false)),
-        )
-        .node(NodeSpec::new("node-b").pod(PodSpec::new("web").label("app", "web")))
-        .build()?;
+    let cluster = common::client_outside_web()?;
     cluster.start_agents()?;
     Ok(cluster)
 }
@@ -74,7 +67,7 @@ fn mesh_get_within(
         Ok(if got.is_ok_with(BODY) {
             Ok(())
         } else {
-            Err(describe(&got))
+            Err(got.describe())
         })
     })
     .with_context(|| logs(cluster))?;
@@ -92,16 +85,6 @@ fn logs(cluster: &Cluster) -> String {
         "node-a: {}\nnode-b: {}",
         cluster.agent_log_tail("node-a"),
         cluster.agent_log_tail("node-b")
-    )
-}
-
-fn describe(got: &HttpGet) -> String {
-    format!(
-        "curl exit {:?}, status {:?}, {} bytes, {}",
-        got.exit,
-        got.status,
-        got.body.len(),
-        got.stderr
     )
 }
 
@@ -131,7 +114,7 @@ fn plaintext_refused_for(
             "attempt {n}: plaintext {url} from {} was answered ({}): the workload served \
              plaintext under STRICT",
             from.name(),
-            describe(&got)
+            got.describe()
         );
         markers.push(marker);
         thread::sleep(Duration::from_millis(50));
@@ -225,7 +208,7 @@ fn cgroup_recreated(stop_agent: bool) -> Result<()> {
                 got.exit != Some(0),
                 "{url} from client's new cgroup was answered with node-a's agent stopped ({}): \
                  the restarted container bypassed the mesh",
-                describe(&got)
+                got.describe()
             );
             failed.push(marker(n));
         }
@@ -246,7 +229,7 @@ fn cgroup_recreated(stop_agent: bool) -> Result<()> {
             return Ok(Ok(m));
         }
         failed.push(m);
-        Ok(Err(describe(&got)))
+        Ok(Err(got.describe()))
     });
     let pcap = capture.stop()?;
 

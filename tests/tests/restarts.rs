@@ -17,7 +17,7 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail, ensure};
-use common::{HttpGet, LOG_WAIT, hold_echo, http_get, peer_auth, poll_for, web_root};
+use common::{LOG_WAIT, hold_echo, http_get, peer_auth, poll_for, web_root};
 use mesh_tests::{
     ChildGuard, Cluster, ConnectionLog, NodeSpec, Pod, PodSpec, Reload, addr, agent_bin, http_url,
     sys,
@@ -263,16 +263,6 @@ fn start_and_kill(cluster: &Cluster, node: &str, delay: Duration) -> Result<Vec<
     messages_since(&log_path, offset)
 }
 
-fn describe(got: &HttpGet) -> String {
-    format!(
-        "curl exit {:?}, status {:?}, {} bytes, {}",
-        got.exit,
-        got.status,
-        got.body.len(),
-        got.stderr
-    )
-}
-
 /// Both agents' last log lines, for errors.
 fn logs(cluster: &Cluster) -> String {
     format!(
@@ -305,7 +295,7 @@ fn served_within(client: &Pod, url: &str, within: Duration) -> Result<Duration> 
             );
             return Ok(took);
         }
-        last = describe(&got);
+        last = got.describe();
         thread::sleep(Duration::from_millis(20));
     }
 }
@@ -397,14 +387,7 @@ impl Load {
 fn kill_9_at_random_points_never_bypasses() -> Result<()> {
     let test_started = Instant::now();
     let mut rng = XorShift::from_env_or_clock()?;
-    let cluster = Cluster::builder()
-        .node(
-            NodeSpec::new("node-a")
-                .pod(PodSpec::new("client").service_account("client"))
-                .pod(PodSpec::new("outside").enrolled(false)),
-        )
-        .node(NodeSpec::new("node-b").pod(PodSpec::new("web").label("app", "web")))
-        .build()?;
+    let cluster = common::client_outside_web()?;
     cluster.start_agent("node-a")?;
     let mut starts = vec![timed_start(&cluster, "node-b")?];
     cluster.apply_policy(
@@ -462,7 +445,7 @@ fn kill_9_at_random_points_never_bypasses() -> Result<()> {
                 got.exit != Some(0),
                 "iteration {i} ({what}): plaintext {marked} from outside was answered with no \
                  agent for node-b ({}); {}",
-                describe(&got),
+                got.describe(),
                 cluster.agent_log_tail("node-b")
             );
             exits.push(got.exit);
@@ -546,7 +529,7 @@ fn web_calls_client(cluster: &Cluster, web: &Pod, url: &str, from: usize) -> Res
     ensure!(
         !got.is_ok_with(BODY),
         "client served web's call, which the ALLOW policy denies: {}",
-        describe(&got)
+        got.describe()
     );
     poll_for(LOG_WAIT, "node-a denies web's call to client", || {
         let logs = cluster.agent_logs("node-a")?;
@@ -556,7 +539,7 @@ fn web_calls_client(cluster: &Cluster, web: &Pod, url: &str, from: usize) -> Res
                 l["message"] == "inbound connection denied" && l["workload"] == "default/client"
             })
             .cloned()
-            .ok_or_else(|| format!("web's call: {}", describe(&got))))
+            .ok_or_else(|| format!("web's call: {}", got.describe())))
     })
 }
 

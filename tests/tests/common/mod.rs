@@ -111,6 +111,19 @@ pub fn client_and_web() -> Result<Cluster> {
     Ok(cluster)
 }
 
+/// node-a: `client` (in the mesh, service account `client`) and `outside` (not in the mesh: a
+/// plaintext client); node-b: `web` (`app=web`). Agents not started.
+pub fn client_outside_web() -> Result<Cluster> {
+    Cluster::builder()
+        .node(
+            NodeSpec::new("node-a")
+                .pod(PodSpec::new("client").service_account("client"))
+                .pod(PodSpec::new("outside").enrolled(false)),
+        )
+        .node(NodeSpec::new("node-b").pod(PodSpec::new("web").label("app", "web")))
+        .build()
+}
+
 /// A `security.istio.io/v1` PeerAuthentication; `selector` is an `app` label value.
 pub fn peer_auth(name: &str, namespace: &str, selector: Option<&str>, mode: &str) -> String {
     let selector = selector
@@ -134,6 +147,17 @@ impl HttpGet {
     /// Whether this was a 200 with `body`.
     pub fn is_ok_with(&self, body: &[u8]) -> bool {
         self.exit == Some(0) && self.status == Some(200) && self.body == body
+    }
+
+    /// One line for messages.
+    pub fn describe(&self) -> String {
+        format!(
+            "curl exit {:?}, status {:?}, {} bytes, {}",
+            self.exit,
+            self.status,
+            self.body.len(),
+            self.stderr
+        )
     }
 }
 
