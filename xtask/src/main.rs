@@ -11,6 +11,8 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod go_tools;
+
 /// Debian packages used by the tests, the demo and the benchmarks (prometheus: promtool;
 /// fonts-dejavu-core: the font of mesh-bench's PNG chart; linux-perf: `bench --profile`;
 /// nftables: the test cluster's stand-in for kube-proxy, for pods outside the mesh).
@@ -34,6 +36,8 @@ const DEB_PACKAGES: &[&str] = &[
 /// Later versions need a system LLVM that Debian 12 lacks (see shared/ebpf-notes.md).
 const BPF_LINKER_VERSION: &str = "0.10.4";
 const MIN_KERNEL: (u32, u32) = (5, 14); // SO_NETNS_COOKIE, see docs/agent.md
+/// The go.mod files of the test tools say `go 1.26.0`.
+const GO_MIN: &str = "1.26";
 const BPFFS: &str = "/sys/fs/bpf";
 const CGROUP2_CANDIDATES: &[&str] = &["/sys/fs/cgroup/unified", "/sys/fs/cgroup"];
 
@@ -48,7 +52,7 @@ struct Cli {
 enum Task {
     /// Check the machine and install what is missing (idempotent; needs root)
     Setup,
-    /// Build mesh-agent and its eBPF programs (release unless --debug)
+    /// Build mesh-agent (with its eBPF programs) and mesh-cni (release unless --debug)
     Build {
         #[arg(long)]
         debug: bool,
@@ -108,19 +112,23 @@ fn setup() -> Result<()> {
     setup_deb_packages()?;
     setup_nightly()?;
     setup_bpf_linker()?;
-    setup_bpffs()
+    setup_bpffs()?;
+    check_go()?;
+    go_tools::setup()
 }
 
 fn build(release: bool) -> Result<()> {
     let profile = if release { "--release " } else { "" };
-    cmd(&mut cargo(&format!("build {profile}-p mesh-agent")))
+    cmd(&mut cargo(&format!(
+        "build {profile}-p mesh-agent -p mesh-cni"
+    )))
 }
 
 fn test(args: &[String]) -> Result<()> {
     setup()?;
     build(true)?;
     let mut c = cargo("test --release --no-fail-fast --workspace --exclude mesh-ebpf");
-    c.env("MESH_AGENT_BIN", agent_bin());
+    harness_env(&mut c)?;
     if !args.is_empty() {
         c.arg("--").args(args);
     }
@@ -148,7 +156,7 @@ fn demo() -> Result<()> {
     setup()?;
     build(true)?;
     let mut c = cargo("run --release -p mesh-tests --bin mesh-demo");
-    c.env("MESH_AGENT_BIN", agent_bin());
+    harness_env(&mut c)?;
     cmd(&mut c)
 }
 
@@ -157,7 +165,7 @@ fn bench(quick: bool, profile: bool) -> Result<()> {
     setup()?;
     build(true)?;
     let mut c = cargo("run --release -p mesh-tests --bin mesh-bench --");
-    c.env("MESH_AGENT_BIN", agent_bin());
+    harness_env(&mut c)?;
     if quick {
         c.arg("--quick");
     }
@@ -312,6 +320,19 @@ fn setup_bpf_linker() -> Result<()> {
     Ok(())
 }
 
+/// Go builds the test infrastructure (a real Kubernetes control plane, etcd, CNI plugins).
+fn check_go() -> Result<()> {
+    match probe(&mut command("go version")) {
+        Some(version) => {
+            eprintln!("{version}: ok (test infrastructure only)");
+            Ok(())
+        }
+        None => bail!(
+            "Go is missing: the tests build kube-apiserver, etcd and the CNI plugins with it (install Go >= {GO_MIN})"
+        ),
+    }
+}
+
 fn setup_bpffs() -> Result<()> {
     match fs_type(BPFFS).as_deref() {
         Some("bpf") => eprintln!("bpffs: mounted at {BPFFS}"),
@@ -377,6 +398,14 @@ fn root() -> PathBuf {
         .parent()
         .expect("xtask lives in the workspace")
         .to_path_buf()
+}
+
+/// What the test harness, the demo and the benchmark need to find: the agent and the
+/// Go-built test tools.
+fn harness_env(c: &mut Command) -> Result<()> {
+    c.env("MESH_AGENT_BIN", agent_bin())
+        .env("MESH_GO_TOOLS_BIN", go_tools::bin_dir()?);
+    Ok(())
 }
 
 fn agent_bin() -> PathBuf {

@@ -1,0 +1,1 @@
+//! The chained CNI plugin and the protocol it speaks with the agent.
