@@ -3,7 +3,8 @@
 //!
 //! - [`workload`]: the cluster file's schema (nodes, workloads, Services);
 //! - [`state`]: the node's live view of the mesh, as immutable snapshots;
-//! - [`sources`]: where that view comes from (the cluster file, watched);
+//! - [`sources`]: where that view comes from: the cluster file (watched), or
+//!   [`kubernetes`] (the API, watched) with [`cni`] (new pods from the CNI plugin);
 //! - [`ebpf`]: the kernel programs: load, attach, pin, enrol, original destinations;
 //! - [`proxy`]: where connections are accepted and forwarded;
 //! - [`agent`]: one node's agent, reconciling each local workload;
@@ -11,9 +12,11 @@
 
 pub mod admin;
 pub mod agent;
+pub mod cni;
 pub mod ebpf;
 mod fswatch;
 pub mod identity;
+pub mod kubernetes;
 pub mod netns;
 pub mod policy;
 pub mod proxy;

@@ -24,9 +24,21 @@ enum Command {
     /// Run the agent for one node until SIGTERM.
     Run {
         /// The cluster file (docs/cluster-file.md).
-        #[arg(long, env = "MESH_CLUSTER_FILE")]
-        cluster: PathBuf,
-        /// This node's name in the cluster file.
+        #[arg(
+            long,
+            env = "MESH_CLUSTER_FILE",
+            required_unless_present = "kubernetes",
+            conflicts_with = "kubernetes"
+        )]
+        cluster: Option<PathBuf>,
+        /// Follow the Kubernetes API instead (in-cluster config, else KUBECONFIG), with the
+        /// mesh settings of --mesh-config (docs/kubernetes.md).
+        #[arg(long, requires = "mesh_config")]
+        kubernetes: bool,
+        /// The mesh settings in Kubernetes mode (the `mesh-config` ConfigMap's `mesh.yaml`).
+        #[arg(long, env = "MESH_CONFIG")]
+        mesh_config: Option<PathBuf>,
+        /// This node's name (in the cluster file, or the Kubernetes Node).
         #[arg(long, env = "MESH_NODE")]
         node: String,
         /// Where to pin programs and maps (on bpffs). Default: /sys/fs/bpf/mesh/<node>.
@@ -95,6 +107,8 @@ fn execute(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run {
             cluster,
+            kubernetes: _,
+            mesh_config,
             node,
             bpf_pin_dir,
             drain_timeout_secs,
@@ -108,7 +122,11 @@ fn execute(command: Command) -> anyhow::Result<()> {
                 metrics: metrics_addr,
                 readiness: readiness_addr,
             },
-            cluster_file: cluster,
+            source: match (cluster, mesh_config) {
+                (Some(cluster), _) => agent::Source::ClusterFile(cluster),
+                (None, Some(mesh_config)) => agent::Source::Kubernetes { mesh_config },
+                (None, None) => anyhow::bail!("give --cluster, or --kubernetes with --mesh-config"),
+            },
             node,
             bpf_pin_dir,
             drain_timeout: Duration::from_secs(drain_timeout_secs),

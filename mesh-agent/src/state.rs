@@ -153,12 +153,15 @@ impl State {
         let mut services = Vec::new();
         let mut services_by_ip = HashMap::new();
         for service in &cluster.services {
-            let mut endpoints: Vec<Arc<WorkloadInfo>> = by_label
-                .candidates(service)
-                .iter()
-                .filter(|w| service.selects(&w.workload))
-                .map(|w| Arc::clone(w))
-                .collect();
+            let mut endpoints: Vec<Arc<WorkloadInfo>> = match &service.endpoint_ips {
+                Some(ips) => endpoints_at(ips, &by_ip),
+                None => by_label
+                    .candidates(service)
+                    .iter()
+                    .filter(|w| service.selects(&w.workload))
+                    .map(|w| Arc::clone(w))
+                    .collect(),
+            };
             endpoints.sort_by(|a, b| a.uid.cmp(&b.uid));
             let info = Arc::new(ServiceInfo {
                 uid: service.qualified_name(),
@@ -224,6 +227,23 @@ impl State {
         }
         Destination::Outside
     }
+}
+
+/// The workloads at `ips`, once each (a dual-stack endpoint is listed at both its addresses);
+/// addresses of no workload in the mesh are left out.
+fn endpoints_at(
+    ips: &[IpAddr],
+    by_ip: &HashMap<IpAddr, Arc<WorkloadInfo>>,
+) -> Vec<Arc<WorkloadInfo>> {
+    let mut endpoints: Vec<Arc<WorkloadInfo>> = Vec::new();
+    for ip in ips {
+        if let Some(w) = by_ip.get(&ip.to_canonical())
+            && !endpoints.iter().any(|e| Arc::ptr_eq(e, w))
+        {
+            endpoints.push(w.clone());
+        }
+    }
+    endpoints
 }
 
 /// Workloads by (namespace, label, value): a Service's endpoints are found among those carrying

@@ -52,6 +52,10 @@ pub struct Service {
     /// Service without selector has no automatic endpoints).
     #[serde(default)]
     pub selector: BTreeMap<String, String>,
+    /// The endpoints' addresses when a source knows them (Kubernetes EndpointSlices: ready
+    /// endpoints only); `None`: the workloads `selector` picks.
+    #[serde(skip)]
+    pub endpoint_ips: Option<Vec<IpAddr>>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]

@@ -22,8 +22,10 @@ use tracing::{error, info, warn};
 
 use crate::{
     admin::{AdminConfig, AdminServer, AdminState, Metrics},
+    cni::{self, CniServer},
     ebpf::{self, Capture},
     identity::{CertificateAuthority, IdentityStore, TrustBundle},
+    kubernetes::{self, MeshConfig},
     netns,
     policy::{PolicySet, PolicyWatcher},
     proxy::{hbone::HboneClient, inbound::InboundContext, outbound::Mesh},
@@ -38,8 +40,17 @@ const POLICY_POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// kernel guard keeps them closed meanwhile).
 const RECONCILE_INTERVAL: Duration = Duration::from_millis(200);
 
+/// Where the agent learns the mesh from.
+pub enum Source {
+    /// The cluster file (docs/cluster-file.md), watched for edits.
+    ClusterFile(PathBuf),
+    /// The Kubernetes API, with the mesh settings of `mesh.yaml` (docs/kubernetes.md); new pods
+    /// also come from the CNI plugin.
+    Kubernetes { mesh_config: PathBuf },
+}
+
 pub struct Config {
-    pub cluster_file: PathBuf,
+    pub source: Source,
     pub admin: AdminConfig,
     pub node: String,
     pub bpf_pin_dir: Option<PathBuf>,
@@ -54,7 +65,9 @@ pub struct Config {
 /// refused) until an agent runs again; `mesh-agent uninstall` removes them for good.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     netns::remember_home()?;
-    let store = StateStore::new(ClusterFileSource::load(&config.cluster_file, &config.node)?);
+    let shutdown = CancellationToken::new();
+    let origin = Origin::start(&config, &shutdown).await?;
+    let store = origin.store.clone();
     let state = store.load();
     let node = state.node();
     let pin_dir = config
@@ -63,7 +76,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .unwrap_or_else(|| ebpf::default_pin_dir(node.name.as_str()));
 
     let _running = NodeLock::shared(&pin_dir)?;
-    let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     let (identities, bundle) = start_identities(&state.cluster, &shutdown)?;
 
@@ -72,7 +84,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     capture.set_excluded_ports(&node.excluded_ports)?;
 
     let metrics = Metrics::new();
-    let policy = start_policy(&state.cluster, &shutdown)?;
+    let policy = match origin.policy.clone() {
+        Some(policy) => policy,
+        None => start_policy(&state.cluster, &shutdown)?,
+    };
     let admin = start_admin(&config, &metrics, &store, &identities, &policy, &shutdown).await?;
     let context = Arc::new(NodeContext {
         mesh: Arc::new(Mesh {
@@ -96,15 +111,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tracker: tracker.clone(),
     });
     let mut changes = store.subscribe();
-    ClusterFileSource::spawn(
-        &config.cluster_file,
-        &config.node,
-        store.clone(),
-        CLUSTER_FILE_POLL_INTERVAL,
-        shutdown.clone(),
-    );
+    let (served, served_rx) = cni::served_channel();
+    origin.follow(&config, served_rx, &shutdown)?;
     let mut reconciler = Reconciler::new(capture, context.clone());
     reconciler.start(&state)?;
+    served.send_if_modified(|s| replace_if_changed(s, reconciler.served()));
     drop(state);
     let mut readiness = Readiness::new(admin.clone(), metrics.clone(), pin_dir.clone());
     readiness.report(&reconciler);
@@ -121,6 +132,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         };
         let state = changes.borrow_and_update().clone();
         reconciler.sync(&state);
+        served.send_if_modified(|s| replace_if_changed(s, reconciler.served()));
         readiness.report(&reconciler);
         if changed {
             drop(state);
@@ -145,6 +157,71 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "agent stopped; captured workloads fail closed until an agent runs again"
     );
     Ok(())
+}
+
+/// Where the state (and, in Kubernetes, the policy) comes from, started before anything is
+/// served: without a first complete view there is nothing to serve.
+struct Origin {
+    store: StateStore,
+    /// The Kubernetes policy; `None`: from the files the cluster file names.
+    policy: Option<watch::Receiver<Arc<PolicySet>>>,
+    kubernetes: Option<(kubernetes::Sandboxes, PathBuf)>,
+}
+
+impl Origin {
+    async fn start(config: &Config, shutdown: &CancellationToken) -> anyhow::Result<Self> {
+        match &config.source {
+            Source::ClusterFile(path) => Ok(Self {
+                store: StateStore::new(ClusterFileSource::load(path, &config.node)?),
+                policy: None,
+                kubernetes: None,
+            }),
+            Source::Kubernetes { mesh_config } => {
+                let settings = MeshConfig::load(mesh_config)?;
+                let started = kubernetes::start(&settings, &config.node, shutdown.clone()).await?;
+                Ok(Self {
+                    store: started.store,
+                    policy: Some(started.policy),
+                    kubernetes: Some((started.sandboxes, settings.cni.socket)),
+                })
+            }
+        }
+    }
+
+    /// Keeps following the source: the cluster file's edits, or (the API is followed already)
+    /// the CNI plugin's new sandboxes.
+    fn follow(
+        self,
+        config: &Config,
+        served: watch::Receiver<cni::Served>,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        match (&config.source, self.kubernetes) {
+            (Source::ClusterFile(path), _) => {
+                ClusterFileSource::spawn(
+                    path,
+                    &config.node,
+                    self.store,
+                    CLUSTER_FILE_POLL_INTERVAL,
+                    shutdown.clone(),
+                );
+            }
+            (Source::Kubernetes { .. }, Some((sandboxes, socket))) => {
+                CniServer::bind(&socket)?.spawn(sandboxes, served, shutdown.clone());
+            }
+            (Source::Kubernetes { .. }, None) => {}
+        }
+        Ok(())
+    }
+}
+
+/// Whether `new` differs from `current`, which it then replaces (for `send_if_modified`).
+fn replace_if_changed<T: PartialEq>(current: &mut T, new: T) -> bool {
+    if *current == new {
+        return false;
+    }
+    *current = new;
+    true
 }
 
 /// A new state replaces the old one, which can be tens of MiB (10,000 workloads) freed on

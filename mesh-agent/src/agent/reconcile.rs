@@ -172,6 +172,18 @@ impl Reconciler {
         reasons
     }
 
+    /// The workloads served completely (enrolled, listening, captured inbound), with the
+    /// namespace they are served in: what the CNI server waits for.
+    pub fn served(&self) -> crate::cni::Served {
+        crate::cni::Served(
+            self.workloads
+                .iter()
+                .filter(|(_, w)| w.unserved.is_none() && w.cgroup_id.is_some())
+                .filter_map(|(uid, w)| Some((uid.clone(), w.lifecycle.as_ref()?.0)))
+                .collect(),
+        )
+    }
+
     pub fn served_count(&self) -> usize {
         self.workloads
             .values()

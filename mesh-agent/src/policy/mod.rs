@@ -131,6 +131,17 @@ impl PolicySet {
         Ok(Self::from_loaded(root_namespace, loaded))
     }
 
+    /// Parses policy documents given as (name, YAML text), in that order, as if each were a
+    /// file; the names stand for files in errors and in [`PolicySet::files`] (the Kubernetes
+    /// source names each object `Kind/namespace/name`).
+    pub fn from_documents<'a>(
+        documents: impl IntoIterator<Item = (&'a Path, &'a str)>,
+        root_namespace: &str,
+    ) -> Result<Self, PolicyError> {
+        let loaded = load::parse_files(documents)?;
+        Ok(Self::from_loaded(root_namespace, loaded))
+    }
+
     fn from_loaded(root_namespace: &str, loaded: Loaded) -> Self {
         let mut peer_authentications = Vec::new();
         let mut authorization_policies = Vec::new();
