@@ -194,6 +194,11 @@ struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ResultLabel {
     result: RenewalResult,
 }
@@ -214,6 +219,8 @@ struct Inner {
     workloads: Gauge,
     inbound_rejections: Family<ReasonLabel, Counter>,
     certificate_renewals: Family<ResultLabel, Counter>,
+    watch_events: Family<KindLabel, Counter>,
+    state_builds: Counter,
 }
 
 impl Default for Metrics {
@@ -268,6 +275,18 @@ impl Metrics {
             "The total number of workload certificate renewals, by result",
             certificate_renewals.clone(),
         );
+        let watch_events = Family::default();
+        registry.register(
+            "mesh_agent_kubernetes_watch_events",
+            "The total number of Kubernetes watch events handled, by kind",
+            watch_events.clone(),
+        );
+        let state_builds = Counter::default();
+        registry.register(
+            "mesh_agent_state_builds",
+            "The total number of new states built from a source and published",
+            state_builds.clone(),
+        );
         Self {
             inner: Arc::new(Inner {
                 registry,
@@ -278,6 +297,8 @@ impl Metrics {
                 workloads,
                 inbound_rejections,
                 certificate_renewals,
+                watch_events,
+                state_builds,
             }),
         }
     }
@@ -331,6 +352,19 @@ impl Metrics {
             .inbound_rejections
             .get_or_create(&ReasonLabel { reason })
             .inc();
+    }
+
+    /// Counts one Kubernetes watch event of `kind` (`Pod`, `Service`...).
+    pub fn watch_event(&self, kind: &'static str) {
+        self.inner
+            .watch_events
+            .get_or_create(&KindLabel { kind })
+            .inc();
+    }
+
+    /// Counts one state built and published.
+    pub fn state_built(&self) {
+        self.inner.state_builds.inc();
     }
 
     /// Counts one certificate renewal attempt.

@@ -66,7 +66,8 @@ pub struct Config {
 pub async fn run(config: Config) -> anyhow::Result<()> {
     netns::remember_home()?;
     let shutdown = CancellationToken::new();
-    let origin = Origin::start(&config, &shutdown).await?;
+    let metrics = Metrics::new();
+    let origin = Origin::start(&config, &metrics, &shutdown).await?;
     let store = origin.store.clone();
     let state = store.load();
     let node = state.node();
@@ -83,7 +84,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .context("installing the capture programs")?;
     capture.set_excluded_ports(&node.excluded_ports)?;
 
-    let metrics = Metrics::new();
     let policy = match origin.policy.clone() {
         Some(policy) => policy,
         None => start_policy(&state.cluster, &shutdown)?,
@@ -169,7 +169,11 @@ struct Origin {
 }
 
 impl Origin {
-    async fn start(config: &Config, shutdown: &CancellationToken) -> anyhow::Result<Self> {
+    async fn start(
+        config: &Config,
+        metrics: &Metrics,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Self> {
         match &config.source {
             Source::ClusterFile(path) => Ok(Self {
                 store: StateStore::new(ClusterFileSource::load(path, &config.node)?),
@@ -178,7 +182,8 @@ impl Origin {
             }),
             Source::Kubernetes { mesh_config } => {
                 let settings = MeshConfig::load(mesh_config)?;
-                let started = kubernetes::start(&settings, &config.node, shutdown.clone()).await?;
+                let started =
+                    kubernetes::start(&settings, &config.node, metrics, shutdown.clone()).await?;
                 Ok(Self {
                     store: started.store,
                     policy: Some(started.policy),

@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
+    admin::Metrics,
     policy::PolicySet,
     state::{State, StateStore},
 };
@@ -64,6 +65,7 @@ pub struct Started {
 pub async fn start(
     config: &MeshConfig,
     node: &str,
+    metrics: &Metrics,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Started> {
     let client = Client::try_default()
@@ -83,7 +85,7 @@ pub async fn start(
         shutdown.clone(),
     );
     let (changes_tx, changes) = mpsc::channel(1024);
-    spawn_watches(&client, &changes_tx, &shutdown);
+    spawn_watches(&client, &changes_tx, metrics, &shutdown);
     let (sandbox_tx, sandbox_rx) = mpsc::channel(64);
     let mut view = View::new(config, node, cgroups);
     let mut source = Source {
@@ -91,10 +93,9 @@ pub async fn start(
         sandbox_requests: sandbox_rx,
         shutdown: shutdown.clone(),
     };
-    let first = source.until_listed(&mut view).await?;
-    let policy = policy.await?;
+    let (first, policy) = tokio::try_join!(source.until_listed(&mut view), policy)?;
     let store = StateStore::new(first);
-    tokio::spawn(source.run(view, store.clone()));
+    tokio::spawn(source.run(view, store.clone(), metrics.clone()));
     Ok(Started {
         store,
         policy,
@@ -112,87 +113,87 @@ pub(crate) enum Change {
     Slice(Keyed<SliceFacts>),
 }
 
-fn spawn_watches(client: &Client, changes: &mpsc::Sender<Change>, shutdown: &CancellationToken) {
-    let c = changes;
-    spawn_watch::<Pod, _>(
-        client,
-        c,
-        Change::Pod,
-        view::pod_key,
-        |p| PodFacts::of(p).map(Some),
-        shutdown,
-    );
-    spawn_watch::<Namespace, _>(
-        client,
-        c,
-        Change::Namespace,
-        view::object_key,
-        |n| NamespaceFacts::of(n).map(Some),
-        shutdown,
-    );
-    spawn_watch::<Service, _>(
-        client,
-        c,
-        Change::Service,
-        view::object_key,
-        ServiceFacts::of,
-        shutdown,
-    );
-    spawn_watch::<EndpointSlice, _>(
-        client,
-        c,
-        Change::Slice,
-        view::object_key,
-        SliceFacts::of,
-        shutdown,
-    );
-}
-
-/// Lists and watches every object of kind `K`, forwarding each event with the facts of its
-/// objects (tagged by `tag`) until `shutdown`; errors are logged and the watch resumes with
-/// backoff (and relists when it has been away too long).
-fn spawn_watch<K, T>(
+fn spawn_watches(
     client: &Client,
     changes: &mpsc::Sender<Change>,
-    tag: fn(Keyed<T>) -> Change,
-    key: fn(&K) -> String,
-    facts: fn(&K) -> Result<Option<T>, facts::FactsError>,
+    metrics: &Metrics,
     shutdown: &CancellationToken,
-) where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + 'static,
-    T: Send + 'static,
-{
-    let api: Api<K> = Api::all(client.clone());
-    let kind = K::kind(&());
-    let mut events: BoxStream<'static, Result<watcher::Event<K>, watcher::Error>> =
-        watcher(api, watcher::Config::default().any_semantic())
-            .default_backoff()
-            .boxed();
-    let (shutdown, changes) = (shutdown.clone(), changes.clone());
-    tokio::spawn(async move {
-        let mut reported = HashSet::new();
-        loop {
-            let event = tokio::select! {
-                () = shutdown.cancelled() => return,
-                event = events.next() => event,
-            };
-            match event {
-                None => return,
-                Some(Err(err)) => warn!(%kind, error = %err, "watching the API failed; retrying"),
-                Some(Ok(event)) => {
-                    let keyed = view::keyed(&mut reported, event, key, facts);
-                    if changes.send(tag(keyed)).await.is_err() {
-                        return;
+) {
+    let watch = Watch {
+        client,
+        changes,
+        metrics,
+        shutdown,
+    };
+    watch.spawn::<Pod, _>(Change::Pod, view::pod_key, |p| PodFacts::of(p).map(Some));
+    watch.spawn::<Namespace, _>(Change::Namespace, view::object_key, |n| {
+        NamespaceFacts::of(n).map(Some)
+    });
+    watch.spawn::<Service, _>(Change::Service, view::object_key, ServiceFacts::of);
+    watch.spawn::<EndpointSlice, _>(Change::Slice, view::object_key, SliceFacts::of);
+}
+
+/// What every watch shares.
+struct Watch<'a> {
+    client: &'a Client,
+    changes: &'a mpsc::Sender<Change>,
+    metrics: &'a Metrics,
+    shutdown: &'a CancellationToken,
+}
+
+impl Watch<'_> {
+    /// Lists and watches every object of kind `K`, forwarding each event with the facts of its
+    /// objects (tagged by `tag`) until shutdown; errors are logged and the watch resumes with
+    /// backoff (and relists when it has been away too long).
+    fn spawn<K, T>(
+        &self,
+        tag: fn(Keyed<T>) -> Change,
+        key: fn(&K) -> String,
+        facts: fn(&K) -> Result<Option<T>, facts::FactsError>,
+    ) where
+        K: kube::Resource<DynamicType = ()>
+            + k8s_openapi::Resource
+            + Clone
+            + DeserializeOwned
+            + std::fmt::Debug
+            + Send
+            + 'static,
+        T: Send + 'static,
+    {
+        let api: Api<K> = Api::all(self.client.clone());
+        let kind: &'static str = <K as k8s_openapi::Resource>::KIND;
+        let mut events: BoxStream<'static, Result<watcher::Event<K>, watcher::Error>> =
+            watcher(api, watcher::Config::default().any_semantic())
+                .default_backoff()
+                .boxed();
+        let (shutdown, changes, metrics) = (
+            self.shutdown.clone(),
+            self.changes.clone(),
+            self.metrics.clone(),
+        );
+        tokio::spawn(async move {
+            let mut reported = HashSet::new();
+            loop {
+                let event = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    event = events.next() => event,
+                };
+                match event {
+                    None => return,
+                    Some(Err(err)) => {
+                        warn!(kind, error = %err, "watching the API failed; retrying")
+                    }
+                    Some(Ok(event)) => {
+                        metrics.watch_event(kind);
+                        let keyed = view::keyed(&mut reported, event, key, facts);
+                        if changes.send(tag(keyed)).await.is_err() {
+                            return;
+                        }
                     }
                 }
             }
-        }
-    });
+        });
+    }
 }
 
 /// A sandbox the CNI plugin reports: the pod's network namespace and addresses as the
@@ -302,7 +303,7 @@ impl Source {
             .context("building the first state from the API")
     }
 
-    async fn run(mut self, mut view: View, store: StateStore) {
+    async fn run(mut self, mut view: View, store: StateStore, metrics: Metrics) {
         let mut refresh = tokio::time::interval(NETNS_REFRESH);
         let mut rebuild_at: Option<tokio::time::Instant> = None;
         loop {
@@ -325,7 +326,7 @@ impl Source {
                 _ = refresh.tick() => view.refresh_netns(),
                 () = rebuild => {
                     rebuild_at = None;
-                    self.publish(&mut view, &store);
+                    self.publish(&mut view, &store, &metrics);
                     false
                 }
             };
@@ -336,7 +337,7 @@ impl Source {
         }
     }
 
-    fn publish(&self, view: &mut View, store: &StateStore) {
+    fn publish(&self, view: &mut View, store: &StateStore, metrics: &Metrics) {
         match view.build() {
             Ok(state) => {
                 info!(
@@ -345,6 +346,7 @@ impl Source {
                     "kubernetes state updated"
                 );
                 store.publish(state);
+                metrics.state_built();
                 view.answer_sandboxes();
             }
             Err(err) => warn!(
