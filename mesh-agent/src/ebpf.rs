@@ -54,6 +54,7 @@ pub struct Capture {
     inbound_enrolled: HashMap<MapData, IpKey, u32>,
     inbound_listeners: SockHash<MapData, IpKey>,
     guarded_ips: HashMap<MapData, IpKey, u32>,
+    agent_cgroups: HashMap<MapData, u64, u32>,
 }
 
 /// Where the kernel recorded each captured connection's original destination.
@@ -118,6 +119,7 @@ impl Capture {
             inbound_enrolled: take_map(&mut ebpf, maps::INBOUND_ENROLLED)?,
             inbound_listeners: take_map(&mut ebpf, maps::INBOUND_LISTENERS)?,
             guarded_ips: take_map(&mut ebpf, maps::GUARDED_IPS)?,
+            agent_cgroups: take_map(&mut ebpf, maps::AGENT_CGROUPS)?,
             links_dir,
             ebpf,
         })
@@ -200,6 +202,14 @@ impl Capture {
                 .with_context(|| format!("guarding {ip}"))?;
         }
         Ok(())
+    }
+
+    /// Lets the sockets of the cgroup `id` (this agent's own, when it runs below the workload
+    /// cgroup root) through the guard.
+    pub fn exempt_agent_cgroup(&mut self, id: u64) -> anyhow::Result<()> {
+        self.agent_cgroups
+            .insert(id, 1, 0)
+            .with_context(|| format!("exempting the agent's cgroup {id} from the guard"))
     }
 
     /// The guard stops holding for IPs not in `keep` (workloads gone from the node).
@@ -325,6 +335,30 @@ pub fn default_pin_dir(node: &str) -> PathBuf {
 }
 
 /// A cgroup v2 directory's inode number is the cgroup id the kernel reports to programs.
+/// The cgroup of this process when it is in `root`'s subtree (an agent run as a pod below
+/// kubepods): found by looking for our PID in the subtree's `cgroup.procs`, which works whether
+/// or not the process has a cgroup namespace of its own (then /proc/self/cgroup says only `/`).
+pub fn own_cgroup_below(root: &Path) -> Option<PathBuf> {
+    let pid = std::process::id().to_string();
+    let mut pending = vec![root.to_owned()];
+    while let Some(dir) = pending.pop() {
+        let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        if procs.lines().any(|line| line.trim() == pid) {
+            return Some(dir);
+        }
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        pending.extend(
+            entries
+                .filter_map(Result::ok)
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path()),
+        );
+    }
+    None
+}
+
 pub fn cgroup_id(cgroup: &Path) -> anyhow::Result<u64> {
     Ok(fs::metadata(cgroup)
         .with_context(|| format!("reading cgroup {}", cgroup.display()))?

@@ -36,6 +36,9 @@ pub mod maps {
     /// [`super::IpKey`] of a workload IP -> 1: the fail-closed guard holds for it (see
     /// `mesh-ebpf/src/guard.rs`), whatever the agent knows of its namespace and cgroup.
     pub const GUARDED_IPS: &str = "MESH_GUARDED_IPS";
+    /// Cgroup ids of the agents' own processes when they run inside the workload cgroup root
+    /// (a DaemonSet pod lives below kubepods): the guard lets their sockets through.
+    pub const AGENT_CGROUPS: &str = "MESH_AGENT_CGROUPS";
 }
 
 /// Program names (the Rust function names in `mesh-ebpf`).

@@ -9,11 +9,14 @@
 //!   loopback is dropped: a connection that was not captured (a recreated cgroup the agent has
 //!   not enrolled yet) never leaves the pod.
 //!
-//! Ports in `excludedPorts` pass, as they do for capture.
+//! Ports in `excludedPorts` pass, as they do for capture, and so do the agent's own sockets
+//! when the agent runs inside the subtree (as a DaemonSet pod, below kubepods): their cgroup
+//! ids are in `MESH_AGENT_CGROUPS`.
 
 use aya_ebpf::{
+    helpers::bpf_skb_cgroup_id,
     macros::{cgroup_skb, map},
-    maps::HashMap,
+    maps::{HashMap, LruHashMap},
     programs::SkBuffContext,
 };
 use mesh_ebpf_common::{AF_INET, AF_INET6, IpKey};
@@ -30,6 +33,11 @@ const IPV6_HEADER_LEN: usize = 40;
 #[map(name = "MESH_GUARDED_IPS")]
 static GUARDED_IPS: HashMap<IpKey, u32> = HashMap::pinned(16384, 0);
 
+/// LRU: each agent adds its cgroup at start and never removes it (an upgraded agent overlaps
+/// the old one); ids of cgroups long gone age out.
+#[map(name = "MESH_AGENT_CGROUPS")]
+static AGENT_CGROUPS: LruHashMap<u64, u32> = LruHashMap::pinned(64, 0);
+
 /// What the guard needs of a packet: the workload's side of it and the peer's port.
 struct Packet {
     /// TCP, or an IPv6 packet whose transport is not known to be harmless.
@@ -42,7 +50,7 @@ struct Packet {
 
 #[cgroup_skb(ingress)]
 pub fn mesh_guard_ingress(ctx: SkBuffContext) -> i32 {
-    if arrived_on_loopback(&ctx) {
+    if arrived_on_loopback(&ctx) || from_agent(&ctx) {
         return PASS;
     }
     let Some(packet) = parse(&ctx) else {
@@ -62,7 +70,7 @@ pub fn mesh_guard_ingress(ctx: SkBuffContext) -> i32 {
 
 #[cgroup_skb(egress)]
 pub fn mesh_guard_egress(ctx: SkBuffContext) -> i32 {
-    if arrived_on_loopback(&ctx) {
+    if arrived_on_loopback(&ctx) || from_agent(&ctx) {
         return PASS;
     }
     let Some(packet) = parse(&ctx) else {
@@ -75,6 +83,14 @@ pub fn mesh_guard_egress(ctx: SkBuffContext) -> i32 {
         return PASS;
     }
     DROP
+}
+
+/// Whether the packet's socket belongs to an agent.
+fn from_agent(ctx: &SkBuffContext) -> bool {
+    // SAFETY: allowed in cgroup_skb programs; the cgroup of the socket the packet belongs to.
+    let cgroup = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
+    // SAFETY: only presence is checked.
+    unsafe { AGENT_CGROUPS.get(&cgroup) }.is_some()
 }
 
 /// On ingress the device it came in on, on egress the one it goes out of.

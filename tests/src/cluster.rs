@@ -2,6 +2,7 @@
 //! bridges and cgroups, with one real `mesh-agent` per node.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsString;
 use std::fs::{self, OpenOptions};
 use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -21,7 +22,7 @@ use serde_json::Value;
 use crate::pod::run_with_timeout;
 use crate::pod::{ChildGuard, Pod, tail_of};
 use crate::services::{Service, ServiceSpec};
-use crate::sys::{self, BPFFS, CGROUP_ROOT, ip, ip_in};
+use crate::sys::{self, BPFFS, ip, ip_in};
 
 /// How long an agent may take to log `agent ready`.
 const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -200,7 +201,7 @@ impl ClusterBuilder {
         LIVE.fetch_add(1, Ordering::SeqCst);
         let workdir = scratch_root().join(&id);
         let mut cluster = Cluster {
-            cgroup_dir: Path::new(CGROUP_ROOT).join(&id),
+            cgroup_dir: sys::cgroup_root().join(&id),
             pin_root: Path::new(BPFFS).join(&id),
             cluster_file: workdir.join("cluster.yaml"),
             workdir,
@@ -357,8 +358,8 @@ const POLICY_DIR: &str = "policies";
 /// A running agent.
 struct Agent {
     child: Child,
-    /// The cluster file it reads.
-    cluster_file: PathBuf,
+    /// The cluster file it reads; `None` in Kubernetes mode.
+    cluster_file: Option<PathBuf>,
 }
 
 /// A test cluster. Everything it made is removed on drop (or [`Cluster::teardown`]).
@@ -396,6 +397,15 @@ impl Cluster {
     pub fn cluster_file(&self) -> &Path {
         &self.cluster_file
     }
+    /// The cluster's cgroup directory (a subdirectory per node); everything in it is killed
+    /// and removed on teardown, so other parts of the harness put their processes below it.
+    pub fn cgroup_dir(&self) -> &Path {
+        &self.cgroup_dir
+    }
+    /// The fabric's network namespace, whose bridge `br0` links the nodes.
+    pub fn fabric_netns(&self) -> String {
+        format!("{}-fab", self.id)
+    }
     pub fn nodes(&self) -> &[Node] {
         &self.nodes
     }
@@ -416,7 +426,7 @@ impl Cluster {
 
     fn create(&mut self, specs: &[NodeSpec]) -> Result<()> {
         sys::mkdir_all(&self.workdir)?;
-        let fab = format!("{}-fab", self.id);
+        let fab = self.fabric_netns();
         self.add_netns(&fab)?;
         ip_in(&fab, &["link", "set", "lo", "up"])?;
         ip_in(
@@ -444,7 +454,7 @@ impl Cluster {
     }
 
     /// Creates a netns (IPv6 DAD off, see [`sys::netns_add`]), removed on teardown.
-    fn add_netns(&self, name: &str) -> Result<()> {
+    pub(crate) fn add_netns(&self, name: &str) -> Result<()> {
         self.register_netns(name);
         sys::netns_add(name)
     }
@@ -976,7 +986,7 @@ impl Cluster {
             .lock()
             .unwrap()
             .iter_mut()
-            .filter(|(_, a)| a.cluster_file == self.cluster_file)
+            .filter(|(_, a)| a.cluster_file.as_deref() == Some(self.cluster_file.as_path()))
             .filter_map(|(node, a)| matches!(a.child.try_wait(), Ok(None)).then(|| node.clone()))
             .collect();
         let verdicts = |node: &str| -> Result<Vec<Value>> {
@@ -1035,6 +1045,34 @@ impl Cluster {
     /// Like [`Cluster::start_agent`], but the agent reads `cluster_file` (for tests where one
     /// node's view of the mesh differs from the others').
     pub fn start_agent_with(&self, node: &str, cluster_file: &Path) -> Result<()> {
+        let mut run: Vec<OsString> = vec!["--cluster".into(), cluster_file.into()];
+        run.extend(["--node".into(), node.into()]);
+        let cgroup = self.node(node)?.agent_cgroup();
+        self.spawn_agent(node, run, &cgroup, Some(cluster_file), Vec::new())
+    }
+
+    /// Starts `mesh-agent run RUN_ARGS` with `env` in the node's netns and `cgroup` (Kubernetes
+    /// mode: no cluster file), and waits until it is ready.
+    pub(crate) fn spawn_agent_with_env(
+        &self,
+        node: &str,
+        run_args: Vec<OsString>,
+        cgroup: &Path,
+        env: Vec<(String, OsString)>,
+    ) -> Result<()> {
+        self.spawn_agent(node, run_args, cgroup, None, env)
+    }
+
+    /// Starts `mesh-agent run RUN_ARGS --bpf-pin-dir <node's> --log-format json` in the node's
+    /// netns and `cgroup`, logging to [`Cluster::agent_log_path`], and waits until it is ready.
+    fn spawn_agent(
+        &self,
+        node: &str,
+        run_args: Vec<OsString>,
+        cgroup: &Path,
+        cluster_file: Option<&Path>,
+        env: Vec<(String, OsString)>,
+    ) -> Result<()> {
         let n = self.node(node)?;
         if self.agents.lock().unwrap().contains_key(node) {
             bail!("agent for {node} already running");
@@ -1055,15 +1093,15 @@ impl Cluster {
         let start_offset = log.metadata()?.len();
         let mut cmd = Command::new(&bin);
         cmd.arg("run")
-            .arg("--cluster")
-            .arg(cluster_file)
-            .args(["--node", node, "--bpf-pin-dir"])
+            .args(run_args)
+            .arg("--bpf-pin-dir")
             .arg(&n.pin_dir)
             .args(["--log-format", "json"])
+            .envs(env)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        sys::place(&mut cmd, &n.agent_cgroup(), &n.netns_path())?;
+        sys::place(&mut cmd, cgroup, &n.netns_path())?;
         let mut child = cmd
             .spawn()
             .with_context(|| format!("spawn {}", bin.display()))?;
@@ -1098,7 +1136,7 @@ impl Cluster {
             node.to_owned(),
             Agent {
                 child,
-                cluster_file: cluster_file.to_owned(),
+                cluster_file: cluster_file.map(Path::to_owned),
             },
         );
         Ok(())
@@ -1255,7 +1293,7 @@ impl Cluster {
         // The shared parents go when the last cluster of this process goes
         // (best effort: another process may still use them).
         if LIVE.fetch_sub(1, Ordering::SeqCst) == 1 {
-            let _ = fs::remove_dir(CGROUP_ROOT);
+            let _ = fs::remove_dir(sys::cgroup_root());
             let _ = fs::remove_dir(scratch_root());
         }
         for p in problems {

@@ -13,6 +13,10 @@
 //!   `cbr0`) with 10.*i*.0.*j+1*/24 and fd00:*i*::*j+1*/64, cgroup
 //!   `.../{node}/pods/{pod}`.
 //!
+//! In Kubernetes mode ([`kube::KubeCluster`]) a control-plane netns `{id}-cp` joins the fabric
+//! with 10.255.0.254/24 and fd00:ff::fe/64 and runs a real etcd, kube-apiserver,
+//! kube-controller-manager and kube-scheduler ([`kube::ControlPlane`]).
+//!
 //! `{id}` is `mt{pid}x{n}`, so clusters of parallel tests never collide and
 //! leftovers of dead test processes can be found ([`sweep_stale`]).
 //! Everything is removed when the [`Cluster`] is dropped, also on panic.
@@ -42,6 +46,8 @@
 mod capture;
 mod cluster;
 pub mod interrupt;
+pub mod kube;
+pub mod kubelet;
 mod pod;
 pub mod seed;
 mod services;

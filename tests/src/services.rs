@@ -2,8 +2,10 @@
 //! The agents route mesh pods' connections to them (the cluster file's `services`); pods
 //! outside the mesh reach them through the nodes, where nftables rules play kube-proxy (DNAT
 //! to the endpoints in turn), and every pod resolves the Service's name to its virtual IPs.
+//! The rules ([`Frontend`], [`kube_proxy_script`]) and the hosts lines ([`hosts_entry`]) are
+//! also mesh-kubelet's, which makes them from the Kubernetes API instead.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::process::Command;
 
@@ -91,49 +93,127 @@ impl Service {
         }
     }
 
-    /// Its lines in the pods' hosts file: the short name and the cluster-local one.
-    pub(crate) fn hosts_lines(&self, trust_domain: &str) -> String {
-        let long = format!(
-            "{}.{}.svc.{trust_domain}",
-            self.spec.name, self.spec.namespace
-        );
-        format!(
-            "{} {} {long}\n{} {} {long}\n",
-            self.ipv4, self.spec.name, self.ipv6, self.spec.name
-        )
+    /// Its lines in the pods' hosts file (see [`hosts_entry`]).
+    pub(crate) fn hosts_lines(&self, cluster_domain: &str) -> String {
+        let (name, namespace) = (&self.spec.name, &self.spec.namespace);
+        [IpAddr::from(self.ipv4), IpAddr::from(self.ipv6)]
+            .into_iter()
+            .map(|ip| hosts_entry(ip, name, namespace, cluster_domain))
+            .collect()
     }
 
-    /// kube-proxy's part for pods outside the mesh: DNAT from each virtual IP and port to the
-    /// endpoints in turn, as nftables rules (empty without endpoints: the VIP then answers
+    /// kube-proxy's part for pods outside the mesh: each port on each virtual IP, with the
+    /// endpoints' addresses of the same family (none without endpoints: the VIP then answers
     /// nothing, as a Service without endpoints in Kubernetes).
-    fn nat_rules(&self, pods: &[&Pod]) -> String {
+    fn frontends(&self, pods: &[&Pod]) -> Vec<Frontend> {
         let endpoints: Vec<&&Pod> = pods.iter().filter(|p| self.selects(p)).collect();
-        if endpoints.is_empty() {
+        let mut frontends = Vec::new();
+        for &(port, target) in &self.spec.ports {
+            let v4 = endpoints.iter().map(|p| SocketAddr::from((p.ipv4, target)));
+            let v6 = endpoints.iter().map(|p| SocketAddr::from((p.ipv6, target)));
+            frontends.push(Frontend::tcp(self.ipv4.into(), port, v4.collect()));
+            frontends.push(Frontend::tcp(self.ipv6.into(), port, v6.collect()));
+        }
+        frontends
+    }
+}
+
+/// A Service name's line in a hosts file: `ip name name.ns name.ns.svc name.ns.svc.domain`, the
+/// names cluster DNS answers for it (the short ones are what a pod's search path finds).
+pub(crate) fn hosts_entry(ip: IpAddr, name: &str, namespace: &str, domain: &str) -> String {
+    format!(
+        "{ip} {name} {name}.{namespace} {name}.{namespace}.svc {name}.{namespace}.svc.{domain}\n"
+    )
+}
+
+/// The transport protocol of a Service port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// Its name in nftables (`tcp dport ...`).
+    fn nft(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+/// One virtual IP and port of a Service, and the endpoints (same address family) that
+/// connections to it go to, in turn.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Frontend {
+    pub(crate) vip: IpAddr,
+    pub(crate) protocol: Protocol,
+    pub(crate) port: u16,
+    pub(crate) backends: Vec<SocketAddr>,
+}
+
+impl Frontend {
+    fn tcp(vip: IpAddr, port: u16, backends: Vec<SocketAddr>) -> Self {
+        Self {
+            vip,
+            protocol: Protocol::Tcp,
+            port,
+            backends,
+        }
+    }
+
+    /// Its DNAT rule (round robin over the backends, `numgen inc mod N`); empty without
+    /// backends. The backends must be of the VIP's family (nft rejects the script otherwise).
+    fn nat_rule(&self) -> String {
+        let family = match self.vip {
+            IpAddr::V4(_) => "ip",
+            IpAddr::V6(_) => "ip6",
+        };
+        if self.backends.is_empty() {
             return String::new();
         }
-        let map = |ip: &dyn Fn(&Pod) -> String| {
-            endpoints
-                .iter()
-                .enumerate()
-                .map(|(k, p)| format!("{k} : {}", ip(p)))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        let (map4, map6) = (map(&|p| p.ipv4.to_string()), map(&|p| p.ipv6.to_string()));
-        let n = endpoints.len();
-        let mut rules = String::new();
-        for &(port, target) in &self.spec.ports {
-            rules.push_str(&format!(
-                "add rule ip kubeproxy prerouting ip daddr {} tcp dport {port} dnat to numgen inc mod {n} map {{ {map4} }} : {target}\n",
-                self.ipv4
-            ));
-            rules.push_str(&format!(
-                "add rule ip6 kubeproxy prerouting ip6 daddr {} tcp dport {port} dnat to numgen inc mod {n} map {{ {map6} }} : {target}\n",
-                self.ipv6
-            ));
-        }
-        rules
+        let map = self
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(k, b)| format!("{k} : {} . {}", b.ip(), b.port()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            "add rule {family} kubeproxy prerouting {family} daddr {} {} dport {} dnat to numgen inc mod {} map {{ {map} }}\n",
+            self.vip,
+            self.protocol.nft(),
+            self.port,
+            self.backends.len(),
+        )
     }
+}
+
+/// The nftables script that replaces the `kubeproxy` tables (ip and ip6) with DNAT rules for
+/// `frontends`, in one transaction: connections never see a half-made table.
+pub(crate) fn kube_proxy_script(frontends: &[Frontend]) -> String {
+    let mut script = String::new();
+    for family in ["ip", "ip6"] {
+        // `add` then `delete` makes the flush work whether or not the table exists yet.
+        script.push_str(&format!(
+            "add table {family} kubeproxy\ndelete table {family} kubeproxy\nadd table {family} kubeproxy\n\
+             add chain {family} kubeproxy prerouting {{ type nat hook prerouting priority dstnat; policy accept; }}\n"
+        ));
+    }
+    for frontend in frontends {
+        script.push_str(&frontend.nat_rule());
+    }
+    script
+}
+
+/// Loads an nftables script: writes it to `file` (kept, for a look after a failure) and runs
+/// `nft -f file` through `nft` (`nft`, or `ip netns exec NS nft` for another netns).
+pub(crate) fn load_nft_script(mut nft: Command, file: &Path, script: &str) -> Result<()> {
+    std::fs::write(file, script).with_context(|| format!("write {}", file.display()))?;
+    nft.arg("-f").arg(file);
+    sys::run_checked(&mut nft).with_context(|| format!("nft -f {}", file.display()))?;
+    Ok(())
 }
 
 /// Replaces the node's kube-proxy rules with those of `services` over `pods` (every pod of the
@@ -144,24 +224,11 @@ pub(crate) fn program_node(
     services: &[Service],
     pods: &[&Pod],
 ) -> Result<()> {
-    let mut script = String::new();
-    for family in ["ip", "ip6"] {
-        // `add` then `delete` makes the flush work whether or not the table exists yet.
-        script.push_str(&format!(
-            "add table {family} kubeproxy\ndelete table {family} kubeproxy\nadd table {family} kubeproxy\n\
-             add chain {family} kubeproxy prerouting {{ type nat hook prerouting priority dstnat; policy accept; }}\n"
-        ));
-    }
-    for service in services {
-        script.push_str(&service.nat_rules(pods));
-    }
+    let frontends: Vec<Frontend> = services.iter().flat_map(|s| s.frontends(pods)).collect();
     let file = scratch.join(format!("{node_netns}-kubeproxy.nft"));
-    std::fs::write(&file, &script).with_context(|| format!("write {}", file.display()))?;
     let mut nft = Command::new("ip");
-    nft.args(["netns", "exec", node_netns, "nft", "-f"])
-        .arg(&file);
-    sys::run_checked(&mut nft).with_context(|| format!("nft -f {}", file.display()))?;
-    Ok(())
+    nft.args(["netns", "exec", node_netns, "nft"]);
+    load_nft_script(nft, &file, &kube_proxy_script(&frontends))
 }
 
 #[derive(Serialize)]

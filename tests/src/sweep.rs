@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 use crate::cluster::scratch_root;
-use crate::sys::{self, BPFFS, CGROUP_ROOT, NETNS_DIR};
+use crate::sys::{self, BPFFS, NETNS_DIR};
 
 /// The pid in a name made by this harness: `mt{pid}x{n}`, optionally followed
 /// by `-...` (netns names). None for any other name.
@@ -27,8 +27,8 @@ fn stale(name: &str) -> bool {
 }
 
 /// Stale entries of `dir` (names owned by a pid that no longer exists).
-fn stale_entries(dir: &str) -> Vec<String> {
-    let Ok(entries) = fs::read_dir(dir) else {
+fn stale_entries(dir: impl AsRef<Path>) -> Vec<String> {
+    let Ok(entries) = fs::read_dir(dir.as_ref()) else {
         return Vec::new();
     };
     entries
@@ -42,8 +42,9 @@ fn stale_entries(dir: &str) -> Vec<String> {
 /// Everything of a live process (including this one) is left alone.
 pub fn sweep_stale() -> Result<()> {
     let mut errors = Vec::new();
-    for name in stale_entries(CGROUP_ROOT) {
-        if let Err(e) = sys::kill_and_remove_cgroup(&Path::new(CGROUP_ROOT).join(&name)) {
+    let cgroups = sys::cgroup_root();
+    for name in stale_entries(&cgroups) {
+        if let Err(e) = sys::kill_and_remove_cgroup(&cgroups.join(&name)) {
             errors.push(format!("{e:#}"));
         }
     }
@@ -57,7 +58,7 @@ pub fn sweep_stale() -> Result<()> {
         .into_iter()
         .map(|n| (Path::new(BPFFS).join(n.clone()), n))
         .chain(
-            stale_entries(&scratch.to_string_lossy())
+            stale_entries(&scratch)
                 .into_iter()
                 .map(|n| (scratch.join(&n), n)),
         )

@@ -13,10 +13,32 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 
-/// Root of the cgroup v2 hierarchy on this machine.
-pub const CGROUP_V2: &str = "/sys/fs/cgroup/unified";
+/// Where cgroup v2 is mounted on this machine (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified`
+/// on hybrid hosts), read from /proc/self/mounts once: the harness's one place for it.
+pub fn cgroup2_mount() -> &'static Path {
+    static MOUNT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    MOUNT.get_or_init(|| {
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        mounts
+            .lines()
+            .filter_map(|line| {
+                let mut fields = line.split_whitespace();
+                let (_device, dir, fs_type) = (fields.next()?, fields.next()?, fields.next()?);
+                (fs_type == "cgroup2").then(|| PathBuf::from(dir))
+            })
+            .min_by_key(|dir| dir.components().count())
+            .unwrap_or_else(|| {
+                panic!(
+                    "cgroup v2 is not mounted: the test cluster needs it (cargo xtask setup checks)"
+                )
+            })
+    })
+}
+
 /// Every cluster lives under this cgroup directory.
-pub const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified/mesh-tests";
+pub fn cgroup_root() -> PathBuf {
+    cgroup2_mount().join("mesh-tests")
+}
 /// Where bpffs is mounted; pin directories live below it.
 pub const BPFFS: &str = "/sys/fs/bpf";
 /// Where `ip netns` keeps its namespace files.
@@ -243,12 +265,7 @@ pub fn mkdir_all(path: &Path) -> Result<()> {
 pub fn kill_cgroup(dir: &Path) -> Result<()> {
     let kill = dir.join("cgroup.kill");
     fs::write(&kill, "1").with_context(|| format!("write 1 to {}", kill.display()))?;
-    let events = dir.join("cgroup.events");
-    let empty = || {
-        fs::read_to_string(&events)
-            .map(|t| t.lines().any(|l| l == "populated 0"))
-            .unwrap_or(false)
-    };
+    let empty = || matches!(cgroup_populated(dir), Ok(false));
     if !poll(Duration::from_secs(5), Duration::from_millis(10), empty) {
         let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
         bail!(
@@ -258,6 +275,25 @@ pub fn kill_cgroup(dir: &Path) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Whether any process is in the cgroup subtree at `dir` (`populated` in `cgroup.events`).
+pub fn cgroup_populated(dir: &Path) -> Result<bool> {
+    let events = dir.join("cgroup.events");
+    let text = fs::read_to_string(&events).with_context(|| format!("read {}", events.display()))?;
+    Ok(!text.lines().any(|l| l == "populated 0"))
+}
+
+/// The processes in the cgroup at `dir` itself (`cgroup.procs`, not its descendants').
+pub fn cgroup_procs(dir: &Path) -> Result<Vec<i32>> {
+    let procs = dir.join("cgroup.procs");
+    let text = fs::read_to_string(&procs).with_context(|| format!("read {}", procs.display()))?;
+    text.split_whitespace()
+        .map(|pid| {
+            pid.parse()
+                .with_context(|| format!("pid {pid:?} in {}", procs.display()))
+        })
+        .collect()
 }
 
 /// Writes `contents` to `path` atomically: to a temporary file in the same directory, then
@@ -280,6 +316,32 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
         return Err(e).with_context(|| format!("rename {} to {}", tmp.display(), path.display()));
     }
     Ok(())
+}
+
+/// Replaces the contents of `path` in place (created if missing), for a file that processes
+/// have bind-mounted (pods' /etc/hosts, see [`with_hosts_file`]): a rename would leave them on
+/// the old inode, so the new contents go into the same one. As close to atomic as that allows:
+/// one write of the new contents, padded with newlines to the old length, then a truncate, so
+/// a reader between the two sees the new contents plus blank lines, never an old tail.
+pub fn rewrite_in_place(path: &Path, contents: &[u8]) -> Result<()> {
+    use std::os::unix::fs::FileExt as _;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .with_context(|| format!("open {}", path.display()))?;
+    let old_len = file
+        .metadata()
+        .with_context(|| format!("stat {}", path.display()))?
+        .len();
+    let mut padded = contents.to_vec();
+    let new_len = padded.len() as u64;
+    padded.resize(padded.len().max(old_len as usize), b'\n');
+    file.write_all_at(&padded, 0)
+        .and_then(|()| file.set_len(new_len))
+        .with_context(|| format!("rewrite {}", path.display()))
 }
 
 /// Kills every process in the cgroup subtree at `dir` and removes the subtree,
@@ -327,5 +389,25 @@ pub fn poll(timeout: Duration, every: Duration, mut cond: impl FnMut() -> bool) 
             return false;
         }
         thread::sleep(every);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt as _;
+
+    use super::*;
+
+    #[test]
+    fn rewrite_in_place_keeps_the_inode() {
+        let dir = std::env::temp_dir().join(format!("mesh-tests-sys-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("hosts");
+        rewrite_in_place(&path, b"a long first version\n").unwrap();
+        let inode = fs::metadata(&path).unwrap().ino();
+        rewrite_in_place(&path, b"short\n").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"short\n");
+        assert_eq!(fs::metadata(&path).unwrap().ino(), inode);
+        fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -76,13 +76,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| ebpf::default_pin_dir(node.name.as_str()));
 
-    let _running = NodeLock::shared(&pin_dir)?;
+    let running = NodeLock::shared(&pin_dir)?;
     let tracker = TaskTracker::new();
     let (identities, bundle) = start_identities(&state.cluster, &shutdown)?;
 
     let mut capture = Capture::install(&pin_dir, &node.workload_cgroup)
         .context("installing the capture programs")?;
     capture.set_excluded_ports(&node.excluded_ports)?;
+    exempt_own_cgroup(&mut capture, &node.workload_cgroup)?;
 
     let policy = match origin.policy.clone() {
         Some(policy) => policy,
@@ -117,7 +118,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     reconciler.start(&state)?;
     served.send_if_modified(|s| replace_if_changed(s, reconciler.served()));
     drop(state);
-    let mut readiness = Readiness::new(admin.clone(), metrics.clone(), pin_dir.clone());
+    let mut readiness = Readiness::new(admin.clone(), metrics.clone(), pin_dir.clone(), running);
     readiness.report(&reconciler);
 
     let mut ticks = tokio::time::interval(RECONCILE_INTERVAL);
@@ -156,6 +157,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         pin_dir = %pin_dir.display(),
         "agent stopped; captured workloads fail closed until an agent runs again"
     );
+    Ok(())
+}
+
+/// An agent run as a pod (the DaemonSet) lives below the workload cgroup root, where the guard
+/// would drop its own traffic on the workloads' IPs: its cgroup is let through.
+fn exempt_own_cgroup(capture: &mut Capture, workload_cgroup: &Path) -> anyhow::Result<()> {
+    let Some(own) = ebpf::own_cgroup_below(workload_cgroup) else {
+        return Ok(());
+    };
+    let id = ebpf::cgroup_id(&own)?;
+    capture.exempt_agent_cgroup(id)?;
+    info!(cgroup = %own.display(), cgroup_id = id, "the agent runs below the workload cgroup root; the guard lets its sockets through");
     Ok(())
 }
 
@@ -240,26 +253,36 @@ fn release_freed_memory() {
 }
 
 /// Readiness follows the reconciler: ready once every local workload is served, with the reasons
-/// on `/healthz/ready` otherwise; `agent ready` is logged each time it becomes ready.
+/// on `/healthz/ready` otherwise; `agent ready` is logged each time it becomes ready. An agent
+/// that a newer one of its node has taken over from is not ready: during an upgrade both answer
+/// on the readiness port, and the kubelet must not take the old one's answer for the new pod's.
 struct Readiness {
     admin: AdminState,
     metrics: Metrics,
     pin_dir: PathBuf,
+    lock: NodeLock,
     ready: Option<bool>,
 }
 
 impl Readiness {
-    fn new(admin: AdminState, metrics: Metrics, pin_dir: PathBuf) -> Self {
+    fn new(admin: AdminState, metrics: Metrics, pin_dir: PathBuf, lock: NodeLock) -> Self {
         Self {
             admin,
             metrics,
             pin_dir,
+            lock,
             ready: None,
         }
     }
 
     fn report(&mut self, reconciler: &Reconciler) {
-        let unserved = reconciler.unserved();
+        let mut unserved = reconciler.unserved();
+        if let Some(newer) = self.lock.superseded_by() {
+            unserved.insert(
+                0,
+                format!("superseded by a newer agent of this node (pid {newer})"),
+            );
+        }
         let ready = unserved.is_empty();
         self.metrics.set_workloads(reconciler.served_count());
         if self.ready == Some(ready) {
@@ -437,14 +460,25 @@ pub fn uninstall(pin_dir: &Path) -> anyhow::Result<()> {
 /// Every agent of a node holds this lock shared for its whole run (two do during an upgrade);
 /// `uninstall` needs it exclusively, so it cannot pull the capture from under a running agent.
 /// It lives in /run, next to no pinned state, because bpffs holds no regular files.
-struct NodeLock(#[allow(dead_code)] nix::fcntl::Flock<std::fs::File>);
+struct NodeLock {
+    #[allow(dead_code)]
+    lock: nix::fcntl::Flock<std::fs::File>,
+    /// `<lock>.newest`: the PID of the agent of the node that started last.
+    newest: PathBuf,
+}
 
 const LOCK_DIR: &str = "/run/mesh-agent";
 
 impl NodeLock {
+    /// Taken by every running agent; it also records this one as the node's newest.
     fn shared(pin_dir: &Path) -> anyhow::Result<Self> {
-        Self::take(pin_dir, nix::fcntl::FlockArg::LockSharedNonblock)
-            .context("an uninstall is running for this node")
+        let lock = Self::take(pin_dir, nix::fcntl::FlockArg::LockSharedNonblock)
+            .context("an uninstall is running for this node")?;
+        let temporary = lock.newest.with_extension("newest.tmp");
+        std::fs::write(&temporary, std::process::id().to_string())
+            .and_then(|()| std::fs::rename(&temporary, &lock.newest))
+            .with_context(|| format!("writing {}", lock.newest.display()))?;
+        Ok(lock)
     }
 
     fn exclusive(pin_dir: &Path) -> anyhow::Result<Self> {
@@ -468,6 +502,19 @@ impl NodeLock {
             .with_context(|| format!("opening {}", path.display()))?;
         let lock = nix::fcntl::Flock::lock(file, how)
             .map_err(|(_, errno)| anyhow::anyhow!("{}: {errno}", path.display()))?;
-        Ok(Self(lock))
+        Ok(Self {
+            lock,
+            newest: path.with_extension("newest"),
+        })
+    }
+
+    /// The PID of a newer agent of the node that still runs, if one took over.
+    fn superseded_by(&self) -> Option<u32> {
+        let text = std::fs::read_to_string(&self.newest).ok()?;
+        let pid: u32 = text.trim().parse().ok()?;
+        // The same command name: the PID of an agent that died may be another program's now.
+        let comm = |pid: &str| std::fs::read_to_string(format!("/proc/{pid}/comm")).ok();
+        let alive = comm(&pid.to_string()).is_some_and(|c| Some(c) == comm("self"));
+        (pid != std::process::id() && alive).then_some(pid)
     }
 }
