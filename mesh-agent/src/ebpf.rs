@@ -144,7 +144,7 @@ impl Capture {
                 .insert(key, 1, 0)
                 .with_context(|| format!("enrolling {ip} for inbound capture"))?;
         }
-        let pin = self.sk_lookup_pin(netns.inode()?);
+        let pin = self.sk_lookup_pin(netns.inode());
         let sk_lookup: &mut SkLookup = program_mut(&mut self.ebpf, programs::SK_LOOKUP)?;
         let link_id = sk_lookup
             .attach(netns)

@@ -34,15 +34,22 @@ pub fn remember_home() -> anyhow::Result<()> {
 pub struct NetNs {
     file: File,
     path: PathBuf,
+    inode: u64,
 }
 
 impl NetNs {
     pub fn open(path: &Path) -> anyhow::Result<Self> {
+        use std::os::unix::fs::MetadataExt as _;
         let file = File::open(path)
             .with_context(|| format!("opening network namespace {}", path.display()))?;
+        let inode = file
+            .metadata()
+            .with_context(|| format!("reading network namespace {}", path.display()))?
+            .ino();
         Ok(Self {
             file,
             path: path.to_owned(),
+            inode,
         })
     }
 
@@ -51,9 +58,8 @@ impl NetNs {
     }
 
     /// The namespace's inode number: stable for its lifetime, unique on the machine.
-    pub fn inode(&self) -> io::Result<u64> {
-        use std::os::unix::fs::MetadataExt as _;
-        Ok(self.file.metadata()?.ino())
+    pub fn inode(&self) -> u64 {
+        self.inode
     }
 
     /// Binds a listener inside this namespace. With `SO_REUSEPORT`, so that a workload's new

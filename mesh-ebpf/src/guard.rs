@@ -4,7 +4,7 @@
 //!
 //! - a TCP packet for a guarded IP that arrives at a workload's own socket from anywhere but
 //!   loopback is dropped: the only way in is through the agent, which delivers over the pod's
-//!   loopback (its own sockets are outside the subtree, so the guard never sees them);
+//!   loopback (its own sockets are outside the subtree, or in a cgroup it exempts);
 //! - a TCP packet from a guarded IP that a workload's socket sends out of any device but
 //!   loopback is dropped: a connection that was not captured (a recreated cgroup the agent has
 //!   not enrolled yet) never leaves the pod.

@@ -789,7 +789,9 @@ impl Cluster {
         })
     }
 
-    fn change_policies(&self, change: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    /// Runs `change` (given the policy directory; on Kubernetes it changes API objects
+    /// instead) and waits until every running agent has loaded, or rejected, the result.
+    pub fn change_policies(&self, change: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
         let running: Vec<String> = self.agents.lock().unwrap().keys().cloned().collect();
         let loaded = |node: &str| -> Result<usize> {
             Ok(self
@@ -1175,6 +1177,12 @@ impl Cluster {
             Some(a) => matches!(a.child.try_wait(), Ok(None)),
             None => false,
         }
+    }
+
+    /// The process id of the node's agent, while the harness runs one: for figures read from
+    /// /proc (its memory, its CPU time) in modes where its cgroup is not the node's `agent`.
+    pub fn agent_pid(&self, node: &str) -> Option<u32> {
+        self.agents.lock().unwrap().get(node).map(|a| a.child.id())
     }
 
     /// Every JSON line the node's agent has logged so far (all runs; non-JSON

@@ -6,7 +6,8 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use mesh_tests::kube::{KubeMesh, two_nodes};
+use mesh_tests::kube::{KubeMesh, MESH_NAMESPACE, two_nodes};
+use mesh_tests::kubelet::REQUESTED_IP_ANNOTATION;
 use serde_json::Value;
 
 const NS: &str = "shop";
@@ -146,5 +147,512 @@ fn service_call_across_nodes_is_mutual_tls() -> Result<()> {
     )
     .with_context(|| mesh.cluster().agent_log_tail("node-b"))?;
     assert!(line["bytes_sent"].as_u64() > Some(0), "{line}");
+    Ok(())
+}
+
+/// curl's exit code for `url` from the pod (0: the page came back; 56: the connection was
+/// reset, as STRICT does to plaintext callers).
+fn curl_code(mesh: &KubeMesh, namespace: &str, pod: &str, url: &str) -> Result<i32> {
+    let out = mesh.curl(namespace, pod, url, CURL_TIME)?;
+    out.code().context("curl was killed")
+}
+
+/// Polls until curl from the pod exits with `code`.
+fn wait_curl(mesh: &KubeMesh, namespace: &str, pod: &str, code: i32) -> Result<()> {
+    let mut last = None;
+    poll(
+        &format!("curl from {namespace}/{pod} exits {code}"),
+        Duration::from_secs(30),
+        || {
+            let got = curl_code(mesh, namespace, pod, WEB_URL)?;
+            last = Some(got);
+            Ok((got == code).then_some(()))
+        },
+    )
+    .with_context(|| format!("last exit code {last:?}"))
+}
+
+/// Number of log lines of the node's agent matching `pred` so far.
+fn count_logs(mesh: &KubeMesh, node: &str, pred: impl Fn(&Value) -> bool) -> Result<usize> {
+    Ok(mesh
+        .cluster()
+        .agent_logs(node)?
+        .iter()
+        .filter(|l| pred(l))
+        .count())
+}
+
+/// Waits until every agent has loaded a policy set with `peer` PeerAuthentications and
+/// `authz` AuthorizationPolicies.
+fn wait_policy(mesh: &KubeMesh, peer: u64, authz: u64) -> Result<()> {
+    for node in ["node-a", "node-b"] {
+        poll(
+            &format!("{node}'s agent loads {peer} + {authz} policies"),
+            Duration::from_secs(20),
+            || {
+                let last = mesh
+                    .cluster()
+                    .agent_logs(node)?
+                    .into_iter()
+                    .filter(|l| l["message"] == "policy loaded")
+                    .last();
+                Ok(last.filter(|l| {
+                    l["peer_authentications"].as_u64() == Some(peer)
+                        && l["authorization_policies"].as_u64() == Some(authz)
+                }))
+            },
+        )?;
+    }
+    Ok(())
+}
+
+fn mtls_from(line: &Value, service_account: &str) -> bool {
+    line["security"] == "mutual_tls"
+        && line["peer_identity"]
+            == format!("spiffe://cluster.local/ns/shop/sa/{service_account}").as_str()
+}
+
+const STRICT: &str = r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: shop}
+spec: {mtls: {mode: STRICT}}
+"#;
+
+const ALLOW_CLIENT: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: web-from-client, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  action: ALLOW
+  rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/client]}}]}]
+"#;
+
+/// A pod of namespace shop on node-a with its own service account, not allowed by
+/// [`ALLOW_CLIENT`].
+fn other_pod(name: &str, annotations: &str) -> String {
+    format!(
+        r#"
+apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: {name}, namespace: {NS}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: {NS}, labels: {{app: {name}}}, annotations: {{{annotations}}}}}
+spec:
+  serviceAccountName: {name}
+  nodeSelector: {{kubernetes.io/hostname: node-a}}
+  containers:
+  - {{name: main, image: curlimages/curl, command: [sleep, "3650d"]}}
+"#
+    )
+}
+
+#[test]
+fn the_agent_runs_with_the_shipped_rbac_only() -> Result<()> {
+    let mesh = KubeMesh::start(&two_nodes()[..1])?;
+    let agent = format!("--as=system:serviceaccount:{MESH_NAMESPACE}:mesh-agent");
+    let can = |verb: &str, resource: &str| -> Result<bool> {
+        let out = mesh.kube().control_plane().kubectl_output([
+            "auth",
+            "can-i",
+            verb,
+            resource,
+            "--all-namespaces",
+            &agent,
+        ])?;
+        Ok(out.stdout_str().trim() == "yes")
+    };
+    for (verb, resource) in [
+        ("watch", "pods"),
+        ("watch", "namespaces"),
+        ("watch", "services"),
+        ("watch", "endpointslices.discovery.k8s.io"),
+        ("watch", "peerauthentications.security.istio.io"),
+        ("watch", "authorizationpolicies.security.istio.io"),
+        ("create", "events.events.k8s.io"),
+    ] {
+        assert!(can(verb, resource)?, "the agent needs to {verb} {resource}");
+    }
+    for (verb, resource) in [
+        ("get", "secrets"),
+        ("list", "secrets"),
+        ("list", "nodes"),
+        ("update", "pods"),
+        ("delete", "pods"),
+        ("create", "pods"),
+        ("patch", "peerauthentications.security.istio.io"),
+        ("list", "configmaps"),
+    ] {
+        assert!(
+            !can(verb, resource)?,
+            "the agent must not {verb} {resource}"
+        );
+    }
+    // And with its own token, for real: the API server refuses it the Secrets.
+    let kubeconfig = mesh
+        .kube()
+        .control_plane()
+        .service_account_kubeconfig(MESH_NAMESPACE, "mesh-agent")?;
+    let status = mesh
+        .kube()
+        .control_plane()
+        .block_on_as(&kubeconfig, |client| async move {
+            let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
+                kube::Api::namespaced(client, MESH_NAMESPACE);
+            match secrets.list(&Default::default()).await {
+                Ok(_) => Ok(200),
+                Err(kube::Error::Api(status)) => Ok(status.code),
+                Err(other) => Err(anyhow::anyhow!(other)),
+            }
+        })?;
+    assert_eq!(status, 403, "listing Secrets with the agent's token");
+    Ok(())
+}
+
+#[test]
+fn namespace_label_captures_and_releases_running_pods() -> Result<()> {
+    let mesh = start_shop("none")?;
+    let uids = |mesh: &KubeMesh| -> Result<Vec<String>> {
+        ["client"]
+            .into_iter()
+            .map(|p| Ok(mesh.pod_placement(NS, p)?.0))
+            .collect()
+    };
+    let before = uids(&mesh)?;
+    assert_eq!(
+        curl_code(&mesh, NS, "client", WEB_URL)?,
+        0,
+        "outside the mesh, plain TCP works"
+    );
+    assert!(inbound_to_web(&mesh)?.is_empty(), "no agent carried it");
+
+    mesh.kubectl([
+        "label",
+        "namespace",
+        NS,
+        "istio.io/dataplane-mode=ambient",
+        "--overwrite",
+    ])?;
+    poll(
+        "the running client and web pods are captured",
+        Duration::from_secs(30),
+        || {
+            curl_code(&mesh, NS, "client", WEB_URL)?;
+            Ok(inbound_to_web(&mesh)?
+                .iter()
+                .any(|l| mtls_from(l, "client"))
+                .then_some(()))
+        },
+    )
+    .with_context(|| mesh.cluster().agent_log_tail("node-a"))?;
+
+    mesh.kubectl([
+        "label",
+        "namespace",
+        NS,
+        "istio.io/dataplane-mode=none",
+        "--overwrite",
+    ])?;
+    let served_out = |node: &str, prefix: &'static str| {
+        count_logs(&mesh, node, |l| {
+            l["message"] == "workload removed"
+                && l["workload"]
+                    .as_str()
+                    .is_some_and(|w| w.starts_with(prefix))
+        })
+    };
+    poll("both pods are served out", Duration::from_secs(30), || {
+        Ok(
+            (served_out("node-a", "shop/client")? > 0 && served_out("node-b", "shop/web-")? > 0)
+                .then_some(()),
+        )
+    })?;
+    let carried = inbound_to_web(&mesh)?.len();
+    assert_eq!(
+        curl_code(&mesh, NS, "client", WEB_URL)?,
+        0,
+        "released, plain TCP works again"
+    );
+    assert_eq!(inbound_to_web(&mesh)?.len(), carried, "no agent carried it");
+    assert_eq!(uids(&mesh)?, before, "no pod was restarted or replaced");
+    Ok(())
+}
+
+#[test]
+fn policies_applied_with_kubectl_are_enforced_and_bad_ones_refused() -> Result<()> {
+    let mesh = start_shop("ambient")?;
+    mesh.apply(&other_pod("intruder", ""))?;
+    mesh.wait_ready(NS, "app=intruder")?;
+
+    // STRICT: the outside-mesh curl pod gets curl: (56), the enrolled client works.
+    mesh.apply(STRICT)?;
+    wait_policy(&mesh, 1, 0)?;
+    assert_eq!(
+        curl_code(&mesh, "outside", "curl", WEB_URL)?,
+        56,
+        "plaintext caller under STRICT"
+    );
+    assert_eq!(
+        curl_code(&mesh, NS, "client", WEB_URL)?,
+        0,
+        "enrolled client under STRICT"
+    );
+
+    // AuthorizationPolicy by principal: the client is allowed, the intruder (another service
+    // account of the same namespace) is not.
+    mesh.apply(ALLOW_CLIENT)?;
+    wait_policy(&mesh, 1, 1)?;
+    assert_eq!(
+        curl_code(&mesh, NS, "client", WEB_URL)?,
+        0,
+        "allowed principal"
+    );
+    assert_eq!(
+        curl_code(&mesh, NS, "intruder", WEB_URL)?,
+        56,
+        "principal not allowed"
+    );
+
+    // A PeerAuthentication the CRD schema refuses never reaches the agents.
+    let bad_mode = STRICT
+        .replace("name: default", "name: sometimes")
+        .replace("STRICT", "SOMETIMES");
+    let refused = mesh
+        .apply(&bad_mode)
+        .expect_err("mode SOMETIMES must be refused");
+    assert!(format!("{refused:#}").contains("SOMETIMES"), "{refused:#}");
+
+    // One the schema takes but the agent cannot enforce (an L7 field at L4): refused with an
+    // Event on it; the policies in force stay.
+    let l7 = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: only-get, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  rules: [{to: [{operation: {methods: [GET]}}]}]
+"#;
+    mesh.apply(l7)?;
+    let event = poll(
+        "an InvalidPolicy Event on only-get",
+        Duration::from_secs(20),
+        || {
+            let out = mesh.kubectl(["get", "events.events.k8s.io", "-n", NS, "-o", "json"])?;
+            let events: Value = serde_json::from_slice(&out.stdout)?;
+            Ok(events["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|e| e["reason"] == "InvalidPolicy" && e["regarding"]["name"] == "only-get")
+                .cloned())
+        },
+    )?;
+    assert!(
+        event["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("methods")),
+        "{event}"
+    );
+    assert_eq!(
+        curl_code(&mesh, NS, "client", WEB_URL)?,
+        0,
+        "the good set stays"
+    );
+    assert_eq!(
+        curl_code(&mesh, NS, "intruder", WEB_URL)?,
+        56,
+        "the good set stays"
+    );
+    Ok(())
+}
+
+#[test]
+fn pod_recreated_under_its_name_and_an_ip_given_to_another_identity() -> Result<()> {
+    let mesh = start_shop("ambient")?;
+    mesh.apply(ALLOW_CLIENT)?;
+    wait_policy(&mesh, 0, 1)?;
+    assert_eq!(curl_code(&mesh, NS, "client", WEB_URL)?, 0);
+    let (old_uid, _) = mesh.pod_placement(NS, "client")?;
+    let old_ip = mesh.pod_ip(NS, "client")?;
+
+    // Same name, new UID and a new IP (host-local does not hand a freed address out at once).
+    let client = shop("ambient");
+    mesh.kubectl(["delete", "pod", "client", "-n", NS, "--wait=true"])?;
+    mesh.apply(&client)?;
+    mesh.wait_ready(NS, "app=client")?;
+    let (new_uid, _) = mesh.pod_placement(NS, "client")?;
+    let new_ip = mesh.pod_ip(NS, "client")?;
+    assert_ne!(old_uid, new_uid);
+    assert_ne!(old_ip, new_ip);
+    let out = mesh.curl(NS, "client", WEB_URL, CURL_TIME)?;
+    assert!(
+        out.success(),
+        "the new client pod is served: {}; {}",
+        out.stderr_str(),
+        mesh.cluster().agent_log_tail("node-a")
+    );
+
+    // The client goes, and its address is given to a pod of another service account: that
+    // pod gets its own identity, and nothing the client was allowed.
+    mesh.kubectl(["delete", "pod", "client", "-n", NS, "--wait=true"])?;
+    let annotation = format!("{REQUESTED_IP_ANNOTATION}: \"{new_ip}\"");
+    mesh.apply(&other_pod("impostor", &annotation))?;
+    mesh.wait_ready(NS, "app=impostor")?;
+    assert_eq!(
+        mesh.pod_ip(NS, "impostor")?,
+        new_ip,
+        "the address was reused"
+    );
+    assert_eq!(
+        curl_code(&mesh, NS, "impostor", WEB_URL)?,
+        56,
+        "not allowed as the client"
+    );
+    let line = poll(
+        "web's agent sees the impostor's own identity",
+        Duration::from_secs(10),
+        || {
+            Ok(mesh.cluster().agent_logs("node-b")?.into_iter().find(|l| {
+                l["message"] == "inbound connection denied"
+                    && l["peer_identity"]
+                        .as_str()
+                        .is_some_and(|p| p.ends_with("/sa/impostor"))
+            }))
+        },
+    )?;
+    assert!(
+        line["src_addr"]
+            .as_str()
+            .is_some_and(|a| a.starts_with(&new_ip)),
+        "{line}"
+    );
+    Ok(())
+}
+
+#[test]
+fn cni_add_returns_only_once_the_pod_is_enrolled() -> Result<()> {
+    let mesh = start_shop("ambient")?;
+    // Under STRICT a first connect that escaped capture would be plaintext and be reset.
+    mesh.apply(STRICT)?;
+    wait_policy(&mesh, 1, 0)?;
+    let first_connect = format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: first-connect, namespace: {NS}}}
+spec:
+  serviceAccountName: client
+  restartPolicy: Never
+  nodeSelector: {{kubernetes.io/hostname: node-a}}
+  containers:
+  - {{name: main, image: curlimages/curl, command: [curl, -sS, --max-time, "5", "{WEB_URL}"]}}
+"#
+    );
+    mesh.apply(&first_connect)?;
+    mesh.kube()
+        .control_plane()
+        .wait_for(
+            "jsonpath={.status.phase}=Succeeded",
+            ["pod/first-connect", "-n", NS],
+            Duration::from_secs(60),
+        )
+        .with_context(|| mesh.cluster().agent_log_tail("node-a"))?;
+    let add = mesh
+        .cluster()
+        .agent_logs("node-a")?
+        .into_iter()
+        .find(|l| {
+            l["message"] == "CNI request"
+                && l["pod"] == "shop/first-connect"
+                && l["command"] == "Add"
+        })
+        .context("no CNI ADD for first-connect")?;
+    assert!(
+        add["outcome"]
+            .as_str()
+            .is_some_and(|o| o.contains("Enrolled")),
+        "{add}"
+    );
+    Ok(())
+}
+
+#[test]
+fn api_server_outage_keeps_traffic_and_policy_and_catches_up() -> Result<()> {
+    let mesh = start_shop("ambient")?;
+    mesh.apply(STRICT)?;
+    wait_policy(&mesh, 1, 0)?;
+    let cp = mesh.kube().control_plane();
+
+    // The nodes lose the API server, which then goes down for 30 s.
+    for node in ["node-a", "node-b"] {
+        partition_from_api(&mesh, node, true)?;
+    }
+    cp.stop_api_server()?;
+    let outage = Instant::now();
+    while outage.elapsed() < Duration::from_secs(30) {
+        assert_eq!(
+            curl_code(&mesh, NS, "client", WEB_URL)?,
+            0,
+            "enrolled traffic continues"
+        );
+        assert_eq!(
+            curl_code(&mesh, "outside", "curl", WEB_URL)?,
+            56,
+            "STRICT still holds"
+        );
+        std::thread::sleep(Duration::from_secs(3));
+    }
+    // Back, but the nodes do not see it yet: a change made meanwhile.
+    cp.start_api_server()?;
+    cp.delete(["peerauthentication", "default", "-n", NS])?;
+    assert_eq!(
+        curl_code(&mesh, "outside", "curl", WEB_URL)?,
+        56,
+        "the agents have not seen it"
+    );
+    for node in ["node-a", "node-b"] {
+        partition_from_api(&mesh, node, false)?;
+    }
+    wait_policy(&mesh, 0, 0).context("the agents catch up once they reach the API")?;
+    wait_curl(&mesh, "outside", "curl", 0)?;
+    assert_eq!(curl_code(&mesh, NS, "client", WEB_URL)?, 0);
+    Ok(())
+}
+
+/// Cuts the node (its kubelet and its agent) off the API server, or joins it again: new
+/// connections are reset, and so is every packet of the open ones.
+fn partition_from_api(mesh: &KubeMesh, node: &str, cut: bool) -> Result<()> {
+    use mesh_tests::kube::{API_SERVER_IPV4, API_SERVER_IPV6, API_SERVER_PORT};
+    let out = if cut {
+        let rules = format!(
+            "table inet api-partition {{\n chain out {{\n  type filter hook output priority 0;\n  \
+             ip daddr {API_SERVER_IPV4} tcp dport {API_SERVER_PORT} reject with tcp reset\n  \
+             ip6 daddr {API_SERVER_IPV6} tcp dport {API_SERVER_PORT} reject with tcp reset\n }}\n}}\n"
+        );
+        let file = mesh
+            .cluster()
+            .workdir()
+            .join(format!("{node}-api-partition.nft"));
+        std::fs::write(&file, rules)?;
+        mesh.cluster().run_in_node(
+            node,
+            "nft",
+            [std::ffi::OsStr::new("-f"), file.as_os_str()],
+            Duration::from_secs(10),
+        )?
+    } else {
+        mesh.cluster().run_in_node(
+            node,
+            "nft",
+            ["delete", "table", "inet", "api-partition"],
+            Duration::from_secs(10),
+        )?
+    };
+    if !out.success() {
+        bail!("nft on {node}: {}", out.stderr_str());
+    }
     Ok(())
 }

@@ -322,7 +322,7 @@ fn serve(
     expected_inode: u64,
 ) -> anyhow::Result<Lifetime> {
     let netns = NetNs::open(&info.workload.netns)?;
-    let inode = netns.inode()?;
+    let inode = netns.inode();
     if inode != expected_inode {
         anyhow::bail!("the network namespace was recreated while opening it");
     }

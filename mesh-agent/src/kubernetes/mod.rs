@@ -164,7 +164,7 @@ impl Watch<'_> {
         let kind: &'static str = <K as k8s_openapi::Resource>::KIND;
         let mut events: BoxStream<'static, Result<watcher::Event<K>, watcher::Error>> =
             watcher(api, watcher::Config::default().any_semantic())
-                .default_backoff()
+                .backoff(WatchBackoff::default())
                 .boxed();
         let (shutdown, changes, metrics) = (
             self.shutdown.clone(),
@@ -193,6 +193,46 @@ impl Watch<'_> {
                 }
             }
         });
+    }
+}
+
+/// How long a watch waits before it tries again after an error: from 0.5 s, doubling, at
+/// most 5 s, with ±25% jitter so the agents of many nodes do not return in step. Shorter than
+/// kube-rs's default (30 s at most): the agent must see the changes made while the API server
+/// was away soon after it is back, and a node's watches are few.
+pub(crate) struct WatchBackoff {
+    next: Duration,
+}
+
+const WATCH_BACKOFF_FIRST: Duration = Duration::from_millis(500);
+const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        Self {
+            next: WATCH_BACKOFF_FIRST,
+        }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let base = self.next;
+        self.next = (base * 2).min(WATCH_BACKOFF_MAX);
+        // Jitter from the clock's low bits: no need for a random number generator here.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let factor = 0.75 + f64::from(nanos % 1000) / 2000.0;
+        Some(base.mul_f64(factor))
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = WATCH_BACKOFF_FIRST;
     }
 }
 

@@ -100,7 +100,7 @@ async fn follow(
 ) {
     let api: Api<DynamicObject> = Api::all_with(client, &api_resource(kind));
     let mut events = watcher(api, watcher::Config::default())
-        .default_backoff()
+        .backoff(super::WatchBackoff::default())
         .boxed();
     loop {
         let event = tokio::select! {

@@ -62,6 +62,9 @@ const TCP_USER_TIMEOUT: Duration = Duration::from_millis(1500);
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct PoolKey {
     source_workload: String,
+    /// The source's network namespace (inode): a pod re-created under its name has a new one,
+    /// and the connections opened from the old one died with it.
+    source_netns: u64,
     source: SpiffeId,
     dst: SocketAddr,
     expected: SpiffeId,
@@ -156,6 +159,7 @@ impl HboneClient {
     ) -> Result<HboneStream, HboneError> {
         let key = PoolKey {
             source_workload: source_workload.to_owned(),
+            source_netns: netns.inode(),
             source: source.clone(),
             dst,
             expected: expected.clone(),

@@ -11,6 +11,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -39,6 +40,7 @@ pub const SERVICE_ACCOUNT_ISSUER: &str = "https://kubernetes.default.svc.cluster
 const CONTROLLERS: &str = "*,-node-ipam-controller,\
     -cloud-node-lifecycle-controller,-service-lb-controller,-node-route-controller";
 const CONTROLLER_MANAGER_PORT: u16 = 10257;
+const API_SERVER: &str = "kube-apiserver";
 const SCHEDULER_PORT: u16 = 10259;
 
 /// A cold kube-apiserver on a busy 2-core machine takes several seconds; far more means it
@@ -93,13 +95,14 @@ struct Component {
 struct Running {
     netns: String,
     cgroup: PathBuf,
-    components: Vec<Component>,
+    /// Behind a lock: a test may stop and start the API server of a shared control plane.
+    components: Mutex<Vec<Component>>,
 }
 
 impl Running {
     /// Fails, with its log's tail, if a component has exited.
-    fn check_alive(&mut self) -> Result<()> {
-        for c in &mut self.components {
+    fn check_alive(&self) -> Result<()> {
+        for c in self.lock().iter_mut() {
             if let Some(status) = c.child.try_wait()? {
                 bail!("{} exited ({status}); {}", c.name, tail_of(&c.log));
             }
@@ -108,7 +111,7 @@ impl Running {
     }
 
     fn log_tails(&self) -> String {
-        self.components
+        self.lock()
             .iter()
             .map(|c| tail_of(&c.log))
             .collect::<Vec<_>>()
@@ -116,22 +119,30 @@ impl Running {
     }
 }
 
+impl Running {
+    fn lock(&self) -> MutexGuard<'_, Vec<Component>> {
+        self.components.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 impl Drop for Running {
     fn drop(&mut self) {
+        let mut components = self.lock();
         if thread::panicking() {
-            for c in &self.components {
+            for c in components.iter() {
                 eprintln!("--- {} log ---\n{}", c.name, tail_of(&c.log));
             }
         }
-        for c in &mut self.components {
+        for c in components.iter_mut() {
             let _ = c.child.kill();
         }
         if let Err(e) = sys::kill_and_remove_cgroup(&self.cgroup) {
             eprintln!("mesh-tests: stopping the control plane: {e:#}");
         }
-        for c in &mut self.components {
+        for c in components.iter_mut() {
             let _ = c.child.wait();
         }
+        drop(components);
         if let Err(e) = sys::netns_del(&self.netns) {
             eprintln!("mesh-tests: removing the control plane's netns: {e:#}");
         }
@@ -171,7 +182,7 @@ impl ControlPlane {
             running: Running {
                 netns: format!("{}-cp", cluster.id()),
                 cgroup: cluster.cgroup_dir().join("cp"),
-                components: Vec::new(),
+                components: Mutex::new(Vec::new()),
             },
             admin_kubeconfig: kubeconfig_in(&dir, "admin"),
             node_kubeconfigs: BTreeMap::new(),
@@ -272,7 +283,7 @@ impl ControlPlane {
     /// policy exists, they are refused the configmap their authentication needs, and exit.
     fn boot(&mut self, tools: &Tools, began: Instant) -> Result<()> {
         self.spawn("etcd", &tools.etcd, self.etcd_args())?;
-        self.spawn("kube-apiserver", &tools.apiserver, self.apiserver_args())?;
+        self.spawn(API_SERVER, &tools.apiserver, self.apiserver_args())?;
         let readyz = format!("{}/readyz", self.server_url());
         self.wait_until("kube-apiserver /readyz", API_SERVER_READY_TIMEOUT, |cp| {
             Ok(cp.https_status(&readyz, true)? == Some(200))
@@ -401,9 +412,13 @@ impl ControlPlane {
 
     /// Starts a component in the control plane's netns and cgroup, its output going to
     /// `<name>.log` (see [`ControlPlane::log_path`]).
-    fn spawn(&mut self, name: &'static str, program: &Path, args: Vec<OsString>) -> Result<()> {
+    fn spawn(&self, name: &'static str, program: &Path, args: Vec<OsString>) -> Result<()> {
         let log = self.log_path(name);
-        let file = File::create(&log).with_context(|| format!("create {}", log.display()))?;
+        let file = File::options()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .with_context(|| format!("open {}", log.display()))?;
         let mut cmd = Command::new(program);
         cmd.args(args)
             .stdin(Stdio::null())
@@ -413,7 +428,7 @@ impl ControlPlane {
         let child = cmd
             .spawn()
             .with_context(|| format!("spawn {}", program.display()))?;
-        self.running.components.push(Component { name, child, log });
+        self.running.lock().push(Component { name, child, log });
         Ok(())
     }
 
@@ -555,10 +570,44 @@ impl ControlPlane {
     /// The resident memory (VmRSS) of each component now, in bytes.
     pub fn resident_memory(&self) -> Result<Vec<(&'static str, u64)>> {
         self.running
-            .components
+            .lock()
             .iter()
             .map(|c| Ok((c.name, vm_rss(c.child.id()).with_context(|| c.name)?)))
             .collect()
+    }
+
+    /// An API server outage: stops kube-apiserver (SIGTERM, then waits for it to exit); etcd,
+    /// the controllers and everything on the nodes keep running.
+    pub fn stop_api_server(&self) -> Result<()> {
+        let mut components = self.running.lock();
+        let k = components
+            .iter()
+            .position(|c| c.name == API_SERVER)
+            .context("kube-apiserver is not running")?;
+        let mut c = components.remove(k);
+        let pid = nix::unistd::Pid::from_raw(c.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        c.child.wait().context("wait for kube-apiserver to exit")?;
+        Ok(())
+    }
+
+    /// Starts kube-apiserver again (same flags, same etcd) and waits until it is ready.
+    pub fn start_api_server(&self) -> Result<()> {
+        let tools = Tools::find()?;
+        self.spawn(API_SERVER, &tools.apiserver, self.apiserver_args())?;
+        let readyz = format!("{}/readyz", self.server_url());
+        let deadline = Instant::now() + API_SERVER_READY_TIMEOUT;
+        while self.https_status(&readyz, true)? != Some(200) {
+            self.running.check_alive()?;
+            if Instant::now() >= deadline {
+                bail!(
+                    "kube-apiserver not ready again after {API_SERVER_READY_TIMEOUT:?}; {}",
+                    tail_of(&self.log_path(API_SERVER))
+                );
+            }
+            thread::sleep(POLL_INTERVAL);
+        }
+        Ok(())
     }
 
     // ------------------------------------------------------------ credentials

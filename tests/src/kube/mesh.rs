@@ -58,6 +58,31 @@ pub struct KubeMesh {
     kc: KubeCluster,
 }
 
+/// The UID of the pod `namespace/name` the kubelet runs, from its state files.
+fn running_pod(kubelet: &KubeletProcess, namespace: &str, name: &str) -> Result<Option<String>> {
+    let dir = kubelet.state_dir().join("pods");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Ok(None);
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let Some(uid) = entry
+            .path()
+            .file_stem()
+            .and_then(OsStr::to_str)
+            .map(str::to_owned)
+        else {
+            continue;
+        };
+        if let Some(state) = kubelet.pod_state(&uid)?
+            && state.namespace == namespace
+            && state.name == name
+        {
+            return Ok(Some(uid));
+        }
+    }
+    Ok(None)
+}
+
 /// Which nodes and, per node, which cgroup driver its kubelet uses.
 pub fn two_nodes() -> [(&'static str, CgroupDriver); 2] {
     [
@@ -331,7 +356,8 @@ impl KubeMesh {
     }
 
     /// Runs `program ARGS` in the pod, as `kubectl exec` does (its container's cgroup and its
-    /// network namespace), to completion.
+    /// network namespace), to completion. The pod is found through the kubelets' own records,
+    /// as a runtime's `exec` finds it, so this works while the API server is away.
     pub fn exec<I, S>(
         &self,
         namespace: &str,
@@ -344,12 +370,13 @@ impl KubeMesh {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let (uid, node) = self.pod_placement(namespace, pod)?;
         let kubelets = self.kubelets.lock().unwrap();
-        let kubelet = kubelets
-            .get(&node)
-            .ok_or_else(|| anyhow!("no harness kubelet on {node}"))?;
-        kubelet.exec(&uid, program, args, timeout)
+        for kubelet in kubelets.values() {
+            if let Some(uid) = running_pod(kubelet, namespace, pod)? {
+                return kubelet.exec(&uid, program, args, timeout);
+            }
+        }
+        bail!("no kubelet runs a pod {namespace}/{pod}")
     }
 
     /// `curl URL` from the pod, at most `max_time`.
@@ -399,5 +426,16 @@ impl KubeMesh {
             .get_mut(node)
             .ok_or_else(|| anyhow!("no harness kubelet on {node}"))?;
         f(kubelet)
+    }
+
+    /// What dropping the mesh does, for a signal handler that ends the process instead
+    /// ([`crate::interrupt`]): stops the kubelets (each stops its pods and removes their
+    /// sandboxes), then tears the nodes down, which stops the agents and kills the control
+    /// plane with the cluster's cgroups. Idempotent.
+    pub fn teardown(&self) {
+        let kubelets =
+            std::mem::take(&mut *self.kubelets.lock().unwrap_or_else(|p| p.into_inner()));
+        drop(kubelets);
+        self.cluster().teardown();
     }
 }

@@ -40,7 +40,7 @@ use crate::kube::CgroupDriver;
 
 pub use cni::{NODE_CONFLIST, write_node_conflist};
 pub use launch::{KubeletProcess, kubelet_bin};
-pub use sandbox::PodState;
+pub use sandbox::{PodState, REQUESTED_IP_ANNOTATION};
 
 /// The DNS domain of the cluster: Service names in the hosts file end in `svc.<domain>`.
 const CLUSTER_DOMAIN: &str = "cluster.local";

@@ -64,9 +64,17 @@ pub(crate) struct SandboxRecord {
     pub network: Value,
     /// The ADD's result; None until it succeeded.
     pub cni_result: Option<Value>,
+    /// The address the pod asks IPAM for ([`REQUESTED_IP_ANNOTATION`]).
+    #[serde(default)]
+    pub requested_ip: Option<String>,
     /// By container name.
     pub containers: BTreeMap<String, ContainerRecord>,
 }
+
+/// A pod annotation naming the IPv4 address it gets from host-local (`CNI_ARGS` `IP=`), as
+/// Calico's `cni.projectcalico.org/ipAddrs` does: lets a test give a new pod the address a
+/// deleted one had.
+pub const REQUESTED_IP_ANNOTATION: &str = "mesh-kubelet/requested-ip";
 
 /// A container's history in its sandbox.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -161,12 +169,15 @@ impl SandboxRecord {
             container_id: &self.id,
             netns,
             if_name: "eth0",
-            args: vec![
+            args: [
                 ("K8S_POD_NAMESPACE", self.namespace.clone()),
                 ("K8S_POD_NAME", self.name.clone()),
                 ("K8S_POD_INFRA_CONTAINER_ID", self.id.clone()),
                 ("K8S_POD_UID", self.uid.clone()),
-            ],
+            ]
+            .into_iter()
+            .chain(self.requested_ip.clone().map(|ip| ("IP", ip)))
+            .collect(),
         }
     }
 }
@@ -194,6 +205,12 @@ pub(crate) async fn create(config: &Config, pod: &Pod, uid: &str) -> Result<Sand
         ),
         network: cni::load_network_list(&config.cni_conf_dir)?,
         cni_result: None,
+        requested_ip: pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(REQUESTED_IP_ANNOTATION))
+            .cloned(),
         containers: BTreeMap::new(),
         id,
     };
