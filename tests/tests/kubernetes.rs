@@ -309,6 +309,16 @@ fn the_agent_runs_with_the_shipped_rbac_only() -> Result<()> {
             }
         })?;
     assert_eq!(status, 403, "listing Secrets with the agent's token");
+    // The uninstall manifests are valid for this API server too (applied for real, they would
+    // take the mesh off the nodes).
+    let uninstall = mesh_tests::kube::deploy_dir().join("uninstall");
+    mesh.kubectl([
+        std::ffi::OsStr::new("apply"),
+        std::ffi::OsStr::new("--server-side"),
+        std::ffi::OsStr::new("--dry-run=server"),
+        std::ffi::OsStr::new("-k"),
+        uninstall.as_os_str(),
+    ])?;
     Ok(())
 }
 

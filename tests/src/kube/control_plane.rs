@@ -385,6 +385,10 @@ impl ControlPlane {
             "--kube-api-qps=200".into(),
             "--kube-api-burst=400".into(),
             format!("--controllers={CONTROLLERS}").into(),
+            // Tests stop the API server or cut nodes off it for tens of seconds; with the
+            // default grace (50 s) their nodes would be marked NotReady meanwhile and their
+            // pods taken out of the Services' endpoints, which is not what they test.
+            "--node-monitor-grace-period=300s".into(),
             "--leader-elect=false".into(),
             "--bind-address=127.0.0.1".into(),
             format!("--secure-port={CONTROLLER_MANAGER_PORT}").into(),
