@@ -188,14 +188,14 @@ fn wait_policy(mesh: &KubeMesh, peer: u64, authz: u64) -> Result<()> {
     for node in ["node-a", "node-b"] {
         poll(
             &format!("{node}'s agent loads {peer} + {authz} policies"),
-            Duration::from_secs(20),
+            Duration::from_secs(30),
             || {
                 let last = mesh
                     .cluster()
                     .agent_logs(node)?
                     .into_iter()
-                    .filter(|l| l["message"] == "policy loaded")
-                    .last();
+                    .rev()
+                    .find(|l| l["message"] == "policy loaded");
                 Ok(last.filter(|l| {
                     l["peer_authentications"].as_u64() == Some(peer)
                         && l["authorization_policies"].as_u64() == Some(authz)
