@@ -1,6 +1,6 @@
 //! Ctrl-C and SIGTERM for the harness's long-running programs (the demo, the benchmark): one
 //! thread tears the cluster down and exits 130, instead of the process dying with network
-//! namespaces, cgroups and pins left behind.
+//! namespaces, cgroups and pins (and on Kubernetes the pods' sandboxes) left behind.
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,10 +11,30 @@ use anyhow::{Result, bail};
 use nix::sys::signal::{SigSet, Signal};
 
 use crate::Cluster;
+use crate::kube::KubeMesh;
+
+/// What a signal tears down: a [`Cluster`], or a [`KubeMesh`] with its kubelets and control
+/// plane.
+pub trait Teardown: Send + Sync {
+    /// Removes everything, as dropping it would; the process ends right after.
+    fn teardown(&self);
+}
+
+impl Teardown for Cluster {
+    fn teardown(&self) {
+        Cluster::teardown(self);
+    }
+}
+
+impl Teardown for KubeMesh {
+    fn teardown(&self) {
+        KubeMesh::teardown(self);
+    }
+}
 
 /// The cluster, for the signal thread (weak: the program owns it, and tears it down by dropping
 /// it).
-static CLUSTER: Mutex<Option<Weak<Cluster>>> = Mutex::new(None);
+static CLUSTER: Mutex<Option<Weak<dyn Teardown>>> = Mutex::new(None);
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 /// Held by whoever is about to end the process: the signal thread while it tears down (then it
 /// exits), main before it returns. So main cannot end the process in the middle of the signal
@@ -57,8 +77,9 @@ pub fn run_main(program: &'static str, body: impl FnOnce() -> Result<()>) -> Exi
 }
 
 /// Makes a signal tear `cluster` down from now on.
-pub fn watch(cluster: &Arc<Cluster>) {
-    *lock(&CLUSTER) = Some(Arc::downgrade(cluster));
+pub fn watch<T: Teardown + 'static>(cluster: &Arc<T>) {
+    let cluster: Weak<T> = Arc::downgrade(cluster);
+    *lock(&CLUSTER) = Some(cluster);
 }
 
 /// Stops watching: the program is about to drop (tear down) the cluster itself.

@@ -15,8 +15,8 @@ use mesh_tests::seed::{
 
 /// Applies the step's policies and runs the story's load against it.
 fn play(s: &Seed, step: Step) -> Result<StepReport> {
-    seed::apply(&s.cluster, &step.changes())?;
-    seed::run_step(&s.cluster, step, seed::ROUNDS, seed::PAUSE, |_| Ok(()))
+    seed::apply(s, &step.changes())?;
+    seed::run_step(s, step, seed::ROUNDS, seed::PAUSE, |_| Ok(()))
         .with_context(|| format!("step {step:?}"))
 }
 
@@ -125,7 +125,7 @@ fn assert_clean_up(r: &StepReport) -> Result<()> {
 #[test]
 fn customer_calls_preference_over_mtls_on_its_own_node_too() -> Result<()> {
     let s = Seed::new()?;
-    let call = seed::curl_preference(&s.cluster, Client::Customer)?;
+    let call = seed::curl_preference(&s, Client::Customer)?;
     ensure!(call.succeeded(), "{call:?}");
     let preference = seed::pod(&s.cluster, "preference")?;
     let dsts: Vec<String> = preference
@@ -160,7 +160,7 @@ fn customer_calls_preference_over_mtls_on_its_own_node_too() -> Result<()> {
 fn the_names_are_services_and_the_agent_spreads_recommendation() -> Result<()> {
     let s = Seed::new()?;
     for _ in 0..4 {
-        let call = seed::curl_preference(&s.cluster, Client::Customer)?;
+        let call = seed::curl_preference(&s, Client::Customer)?;
         ensure!(call.exit_code == Some(0), "customer's call: {call:?}");
     }
     // Either family: the pods resolve each name to both virtual IPs.

@@ -69,8 +69,13 @@ enum Task {
         #[arg(last = true, required = true)]
         args: Vec<String>,
     },
-    /// setup + build, then run the mesh-demo binary
-    Demo,
+    /// setup + build, then run the mesh-demo binary: the seed story on a test cluster
+    Demo {
+        /// On Kubernetes: a real control plane, the mesh installed from deploy/, the tutorial
+        /// applied with kubectl from deploy/examples/tutorial/
+        #[arg(long)]
+        kubernetes: bool,
+    },
     /// setup + build, then run the mesh-bench binary: direct vs mesh vs stunnel on a two-node
     /// test cluster; writes bench/results/latest.md
     Bench {
@@ -81,6 +86,10 @@ enum Task {
         /// writes bench/results/profile.md
         #[arg(long)]
         profile: bool,
+        /// Only the Kubernetes scale benchmark: one agent with 10,000 pods and 1,000
+        /// Services in a real control plane; writes bench/results/kubernetes.md
+        #[arg(long, conflicts_with_all = ["quick", "profile"])]
+        kubernetes: bool,
     },
 }
 
@@ -92,8 +101,12 @@ fn main() -> ExitCode {
         Task::Build { debug } => build(!debug),
         Task::Test { args } => test(&args),
         Task::Run { args } => run(&args),
-        Task::Demo => demo(),
-        Task::Bench { quick, profile } => bench(quick, profile),
+        Task::Demo { kubernetes } => demo(kubernetes),
+        Task::Bench {
+            quick,
+            profile,
+            kubernetes,
+        } => bench(quick, profile, kubernetes),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -152,18 +165,27 @@ fn run(args: &[String]) -> Result<()> {
     Err(err).with_context(|| format!("cannot exec `{}`", show(&c)))
 }
 
-fn demo() -> Result<()> {
+fn demo(kubernetes: bool) -> Result<()> {
     setup()?;
     build(true)?;
-    let mut c = cargo("run --release -p mesh-tests --bin mesh-demo");
+    if kubernetes {
+        build_kubelet()?;
+    }
+    let mut c = cargo("run --release -p mesh-tests --bin mesh-demo --");
     harness_env(&mut c)?;
+    if kubernetes {
+        c.arg("--kubernetes");
+    }
     cmd(&mut c)
 }
 
-fn bench(quick: bool, profile: bool) -> Result<()> {
+fn bench(quick: bool, profile: bool, kubernetes: bool) -> Result<()> {
     let start = Instant::now();
     setup()?;
     build(true)?;
+    if kubernetes {
+        build_kubelet()?;
+    }
     let mut c = cargo("run --release -p mesh-tests --bin mesh-bench --");
     harness_env(&mut c)?;
     if quick {
@@ -172,10 +194,21 @@ fn bench(quick: bool, profile: bool) -> Result<()> {
     if profile {
         c.arg("--profile");
     }
+    if kubernetes {
+        c.arg("--kubernetes");
+    }
     let result = cmd(&mut c);
     let secs = start.elapsed().as_secs();
     eprintln!("bench wall-clock time: {}m{:02}s", secs / 60, secs % 60);
     result
+}
+
+/// The harness's kubelet, for the programs that run Kubernetes: the harness starts it from
+/// next to the running program, and `cargo run` builds only the program it runs.
+fn build_kubelet() -> Result<()> {
+    cmd(&mut cargo(
+        "build --release -p mesh-tests --bin mesh-kubelet",
+    ))
 }
 
 // ---- setup items: each prints one line saying what it found or did ----

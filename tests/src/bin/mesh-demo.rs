@@ -1,26 +1,64 @@
-//! The seed story, "Mutual TLS Authentication", played on a two-node cluster built on this
-//! machine: Istio's tutorial application (customer, preference, recommendation v1 and v2) plus
-//! a curl pod outside the mesh, under PERMISSIVE, STRICT and an AuthorizationPolicy.
+//! The seed story, "Mutual TLS Authentication": Istio's tutorial application (customer,
+//! preference, recommendation v1 and v2) plus a curl pod outside the mesh, under PERMISSIVE,
+//! STRICT and an AuthorizationPolicy. By default on a two-node cluster built on this machine,
+//! whose agents read a cluster file; with `--kubernetes` on a real control plane with the mesh
+//! installed from deploy/ and the tutorial applied from deploy/examples/tutorial/ by kubectl.
 //!
-//! `cargo run --release -p mesh-tests --bin mesh-demo` (as root, with
-//! `target/release/mesh-agent` built). Everything it creates is removed at the end, on error,
-//! and on Ctrl-C / SIGTERM. It exits non-zero if the story does not come out as told.
+//! `cargo xtask demo [--kubernetes]` (as root; it builds mesh-agent, mesh-cni and, for
+//! Kubernetes, mesh-kubelet). Everything it creates is removed at the end, on error, and on
+//! Ctrl-C / SIGTERM. It exits non-zero if the story does not come out as told.
 
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Result, bail};
-use mesh_tests::seed::{self, Call, Edge, Event, Outcome, PolicyChange, Seed, Step, StepReport};
+use clap::Parser;
+use mesh_tests::kube::{KubeMesh, two_nodes};
+use mesh_tests::seed::{
+    self, Call, Client, Edge, Event, KubeSeed, Outcome, PolicyChange, Seed, Stage, Step, StepReport,
+};
 use mesh_tests::{Cluster, interrupt};
 
-fn main() -> ExitCode {
-    interrupt::run_main("mesh-demo", run)
+#[derive(Parser)]
+#[command(about = "Istio's \"Mutual TLS Authentication\" story, played with the mesh")]
+struct Opts {
+    /// Play it on Kubernetes: a real control plane, the mesh installed from deploy/, the
+    /// tutorial's Deployments, Services and policies applied with kubectl from
+    /// deploy/examples/tutorial/
+    #[arg(long)]
+    kubernetes: bool,
 }
 
-fn run() -> Result<()> {
+/// How the story's policy changes are made, for printing them as the user makes them.
+#[derive(Debug, Clone, Copy)]
+enum Mode {
+    /// Files in the agents' policy directory.
+    Files,
+    /// kubectl.
+    Kubernetes,
+}
+
+/// Where the tutorial's manifests are, as a user in the repository types it.
+const TUTORIAL_DIR: &str = "deploy/examples/tutorial";
+
+fn main() -> ExitCode {
+    let opts = Opts::parse();
+    interrupt::run_main("mesh-demo", || run(&opts))
+}
+
+fn run(opts: &Opts) -> Result<()> {
     println!(
         "== Mutual TLS with the mesh: Istio's tutorial application, and a curl pod outside the mesh"
     );
+    if opts.kubernetes {
+        on_kubernetes()
+    } else {
+        on_files()
+    }
+}
+
+fn on_files() -> Result<()> {
     let cluster = Arc::new(seed::build_cluster()?);
     interrupt::watch(&cluster);
     interrupt::check()?;
@@ -29,23 +67,122 @@ fn run() -> Result<()> {
     println!("\n== Starting one mesh-agent per node, then recommendation v1 and v2 and preference");
     let seed = Seed::start(cluster)?;
     interrupt::check()?;
+    print_application(&seed);
+    play_story(
+        &seed,
+        Mode::Files,
+        "agents get SIGTERM; namespaces, cgroups, pins removed",
+    )
+}
+
+fn on_kubernetes() -> Result<()> {
+    println!(
+        "\n== Starting Kubernetes: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, and two nodes with a kubelet each"
+    );
+    let mesh = Arc::new(KubeMesh::start(&two_nodes())?);
+    interrupt::watch(&mesh);
+    interrupt::check()?;
+    println!(
+        "   the mesh installed from deploy/ (kubectl apply --server-side -k deploy/), mesh-cni chained into each node's CNI config, one mesh-agent per node run as its DaemonSet runs it"
+    );
+    println!(
+        "   cluster id {}, API server {}",
+        mesh.cluster().id(),
+        mesh.kube().control_plane().server_url()
+    );
+    show(
+        &mesh,
+        &[
+            "get",
+            "nodes",
+            "-o",
+            "custom-columns=NODE:.metadata.name,ADDRESSES:.status.addresses[*].address,POD-CIDRS:.spec.podCIDRs[*]",
+        ],
+    )?;
+
+    println!(
+        "\n== Deploying the tutorial (the harness's kubelet runs each container's command from this machine; it ignores the image)"
+    );
+    println!("   $ kubectl apply -k {TUTORIAL_DIR}");
+    let seed = KubeSeed::start(mesh)?;
+    interrupt::check()?;
+    show(
+        &seed.mesh,
+        &[
+            "get",
+            "namespaces",
+            seed::NAMESPACE,
+            seed::OUTSIDE_NAMESPACE,
+            "-L",
+            "istio.io/dataplane-mode",
+        ],
+    )?;
+    show(
+        &seed.mesh,
+        &[
+            "get",
+            "pods",
+            "-A",
+            "-l",
+            seed::APP_SELECTOR,
+            "-o",
+            "custom-columns=NAMESPACE:.metadata.namespace,POD:.metadata.name,NODE:.spec.nodeName,IP:.status.podIP,SERVICE-ACCOUNT:.spec.serviceAccountName",
+        ],
+    )?;
+    show(&seed.mesh, &["get", "services", "-n", seed::NAMESPACE])?;
+    print_application(&seed);
+    play_story(
+        &seed,
+        Mode::Kubernetes,
+        "kubelets stop the pods, agents get SIGTERM, the control plane is stopped; namespaces, cgroups, pins removed",
+    )
+}
+
+/// Prints `$ kubectl ARGS` and what it printed.
+fn show(mesh: &KubeMesh, args: &[&str]) -> Result<()> {
+    let out = mesh.kubectl(args)?;
+    let shown: Vec<String> = args
+        .iter()
+        .map(|a| {
+            if a.contains(' ') {
+                format!("'{a}'")
+            } else {
+                (*a).to_owned()
+            }
+        })
+        .collect();
+    println!("   $ kubectl {}", shown.join(" "));
+    for line in out.stdout_str().lines() {
+        println!("     {line}");
+    }
+    Ok(())
+}
+
+fn print_application(stage: &dyn Stage) {
     println!(
         "   preference answers `preference => <recommendation's answer>`, calling the recommendation Service (the agent spreads it over v1 and v2)"
     );
-    println!(
-        "   load: `curl -s {}` from the curl pod and the customer pod, in turn",
-        seed::PREFERENCE_URL
-    );
+    let [curl, customer] = Client::ALL.map(|client| stage.url(client));
+    if curl == customer {
+        println!("   load: `curl -s {curl}` from the curl pod and the customer pod, in turn");
+    } else {
+        println!(
+            "   load: `curl -s {curl}` from the curl pod and `curl -s {customer}` from the customer pod, in turn"
+        );
+    }
+}
 
+/// Plays every step; fails, once all were played, if one did not come out as told.
+fn play_story(stage: &dyn Stage, mode: Mode, teardown: &str) -> Result<()> {
     let mut failed = Vec::new();
     for (n, step) in Step::ALL.into_iter().enumerate() {
         interrupt::check()?;
-        if !play(&seed, n + 1, step)? {
+        if !play(stage, mode, n + 1, step)? {
             failed.push(format!("step {}: {}", n + 1, step.title()));
         }
     }
 
-    println!("\n== Tearing down (agents get SIGTERM; namespaces, cgroups, pins removed)");
+    println!("\n== Tearing down ({teardown})");
     if !failed.is_empty() {
         bail!(
             "the story did not come out as told in: {}",
@@ -61,15 +198,14 @@ fn run() -> Result<()> {
 
 /// Plays one step: applies its policies, runs the load, shows the agents' view, checks it.
 /// Returns whether it came out as the story says.
-fn play(seed: &Seed, n: usize, step: Step) -> Result<bool> {
-    let cluster = &seed.cluster;
+fn play(stage: &dyn Stage, mode: Mode, n: usize, step: Step) -> Result<bool> {
     println!("\n== Step {n}/{}: {}", Step::ALL.len(), step.title());
     let changes = step.changes();
-    print_changes(&changes);
-    seed::apply(cluster, &changes)?;
+    print_changes(mode, &changes);
+    seed::apply(stage, &changes)?;
     println!("   expected: {}\n", step.expectation());
 
-    let report = seed::run_step(cluster, step, seed::ROUNDS, seed::PAUSE, |call| {
+    let report = seed::run_step(stage, step, seed::ROUNDS, seed::PAUSE, |call| {
         print_call(call);
         interrupt::check()
     })?;
@@ -119,19 +255,26 @@ fn describe(cluster: &Cluster) {
     }
 }
 
-fn print_changes(changes: &[PolicyChange]) {
+fn print_changes(mode: Mode, changes: &[PolicyChange]) {
     if changes.is_empty() {
         println!("   no policy: without a PeerAuthentication, Istio's default mode is PERMISSIVE");
     }
     for change in changes {
-        match change {
-            PolicyChange::Apply { name, yaml } => {
-                println!("   applying {name}.yaml:");
-                for line in yaml.lines() {
-                    println!("      {line}");
-                }
+        match mode {
+            Mode::Files => match change {
+                PolicyChange::Apply(manifest) => println!("   applying {}.yaml:", manifest.name),
+                PolicyChange::Delete { name, .. } => println!("   deleting {name}.yaml"),
+            },
+            Mode::Kubernetes => {
+                let args = change.kubectl_args(Path::new(TUTORIAL_DIR));
+                let args: Vec<_> = args.iter().map(|a| a.to_string_lossy()).collect();
+                println!("   $ kubectl {}", args.join(" "));
             }
-            PolicyChange::Delete { name } => println!("   deleting {name}.yaml"),
+        }
+        if let PolicyChange::Apply(manifest) = change {
+            for line in manifest.yaml.lines() {
+                println!("      {line}");
+            }
         }
     }
 }

@@ -1,205 +1,77 @@
 //! The seed scenario ("Mutual TLS Authentication" with Istio's tutorial application), shared by
-//! the `mesh-demo` binary and the `seed` integration test.
+//! the `mesh-demo` binary and the `seed` and `kube_seed` integration tests.
 //!
-//! Namespace `tutorial`: `customer` and `recommendation-v1` on node-a, `preference` and
-//! `recommendation-v2` on node-b, and a `curl` pod on node-a that is not in the mesh.
-//! Services `preference` and `recommendation` (virtual IPs; pods resolve the names to them).
+//! Namespace `tutorial`: `customer`, `preference`, `recommendation-v1` and `recommendation-v2`;
+//! and a `curl` pod that is not in the mesh. Services `preference` and `recommendation`.
 //! `preference` answers `preference => <recommendation's answer>`, calling the recommendation
-//! Service, which the agent spreads over v1 and v2 (the curl pod, outside the mesh, reaches
-//! preference through the nodes' kube-proxy rules). The load alternates
-//! `curl http://preference:8080` from the curl pod and from
-//! the customer pod, as the story's shell loop does, while the [`Step`]s change the policy.
-//! What the agents logged on the serving side of every hop becomes a Kiali-like table of
-//! [`Edge`]s.
+//! Service, which the agent spreads over v1 and v2. The load alternates
+//! `curl http://preference:8080` from the curl pod and from the customer pod, as the story's
+//! shell loop does, while the [`Step`]s change the policy. What the agents logged on the
+//! serving side of every hop becomes a Kiali-like table of [`Edge`]s.
+//!
+//! The story is played on a [`Stage`]: the harness's file-based cluster ([`Seed`]) or
+//! Kubernetes ([`KubeSeed`]), both with the servers and policies of the manifests in
+//! `deploy/examples/tutorial/` ([`tutorial`]).
+
+mod files;
+mod kubernetes;
+pub mod tutorial;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsString;
 use std::fmt;
-use std::fs::File;
-use std::sync::Arc;
+use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 
-use crate::pod::{ChildGuard, run_with_timeout};
-use crate::{Cluster, NodeSpec, Pod, PodSpec, ServiceSpec};
+pub use files::{Seed, build_cluster, pod};
+pub use kubernetes::{APP_SELECTOR, KubeSeed, OUTSIDE_NAMESPACE};
+use tutorial::Manifest;
+
+use crate::{Cluster, RunOutput};
 
 pub const NAMESPACE: &str = "tutorial";
 pub const PORT: u16 = 8080;
-/// What both clients call, by name, as the story's load script does.
+/// preference by name from its own namespace, as the story's load script calls it.
 pub const PREFERENCE_URL: &str = "http://preference:8080";
 /// The PeerAuthentication of steps 2 and 3 (the story's `preference-mutualtls`).
 pub const PEER_AUTHENTICATION: &str = "preference-mutualtls";
 /// The AuthorizationPolicy of step 3.
 pub const AUTHORIZATION_POLICY: &str = "preference-allow-customer";
-/// The only principal step 3 lets into preference.
-pub const CUSTOMER_PRINCIPAL: &str = "cluster.local/ns/tutorial/sa/customer";
 /// Calls per client in each step.
 pub const ROUNDS: usize = 3;
 /// Between two calls, as the story's load script sleeps.
 pub const PAUSE: Duration = Duration::from_millis(500);
 /// curl's exit code for "Recv failure: Connection reset by peer".
 pub const EXIT_RESET: i32 = 56;
+/// curl's `--max-time` for one call.
+pub const CURL_MAX_TIME: Duration = Duration::from_secs(10);
 
-// ---------------------------------------------------------------- the cluster
+// ---------------------------------------------------------------- the stage
 
-/// The running scenario: the cluster (agents started) and the application's servers.
-pub struct Seed {
-    /// Declared first: dropped (killed) before the cluster goes.
-    _servers: Vec<ChildGuard>,
-    pub cluster: Arc<Cluster>,
-}
+/// Where the story is played: how its pods are reached and its policies changed. The rest
+/// (steps, load, the agents' view, checks) is the same everywhere.
+pub trait Stage {
+    /// The nodes: their agents' logs are the story's record.
+    fn cluster(&self) -> &Cluster;
 
-/// Builds the seed's two nodes and five pods; agents are not started yet.
-pub fn build_cluster() -> Result<Cluster> {
-    let pod = |name: &str, sa: &str, app: &str| {
-        PodSpec::new(name)
-            .namespace(NAMESPACE)
-            .service_account(sa)
-            .label("app", app)
-    };
-    let service = |name: &str| {
-        ServiceSpec::new(name, name)
-            .namespace(NAMESPACE)
-            .port(PORT, PORT)
-    };
-    Cluster::builder()
-        .service(service("preference"))
-        .service(service("recommendation"))
-        .node(
-            NodeSpec::new("node-a")
-                .pod(pod("customer", "customer", "customer"))
-                .pod(
-                    pod("recommendation-v1", "recommendation", "recommendation")
-                        .label("version", "v1"),
-                )
-                .pod(pod("curl", "default", "curl").enrolled(false)),
-        )
-        .node(
-            NodeSpec::new("node-b")
-                .pod(pod("preference", "preference", "preference"))
-                .pod(
-                    pod("recommendation-v2", "recommendation", "recommendation")
-                        .label("version", "v2"),
-                ),
-        )
-        .build()
-}
+    /// preference's URL as `client` calls it: by name, from the client's namespace.
+    fn url(&self, client: Client) -> &'static str;
 
-impl Seed {
-    /// Builds the cluster and starts it: [`build_cluster`] then [`Seed::start`].
-    pub fn new() -> Result<Seed> {
-        Seed::start(Arc::new(build_cluster()?))
+    /// `curl -sS --max-time CURL_MAX_TIME URL` in the client's pod.
+    fn curl(&self, client: Client, url: &str) -> Result<RunOutput>;
+
+    /// Makes one policy change and waits until every agent has loaded it.
+    fn change(&self, change: &PolicyChange) -> Result<()>;
+
+    /// The workload a pod belongs to, as Kiali names it: on Kubernetes its Deployment, whose
+    /// pods have generated names.
+    fn workload_of(&self, pod: &str) -> String {
+        pod.to_owned()
     }
-
-    /// Starts the agents, then recommendation v1 and v2 and preference.
-    pub fn start(cluster: Arc<Cluster>) -> Result<Seed> {
-        cluster.start_agents()?;
-        let servers = vec![
-            start_recommendation(pod(&cluster, "recommendation-v1")?, "v1")?,
-            start_recommendation(pod(&cluster, "recommendation-v2")?, "v2")?,
-            start_preference(pod(&cluster, "preference")?)?,
-        ];
-        Ok(Seed {
-            _servers: servers,
-            cluster,
-        })
-    }
-}
-
-/// A pod of the seed by name, wherever it runs.
-pub fn pod<'c>(cluster: &'c Cluster, name: &str) -> Result<&'c Pod> {
-    cluster
-        .nodes()
-        .iter()
-        .flat_map(|n| n.pods())
-        .find(|p| p.name() == name)
-        .with_context(|| format!("no pod {name} in the seed cluster"))
-}
-
-// ---------------------------------------------------------------- the application
-
-/// A dual-stack threaded HTTP server on `::`; `reply()` sends a text answer. Server logs go to
-/// stderr (the server's log file).
-const SERVER_PRELUDE: &str = r#"
-import http.server, socket, socketserver, sys
-
-class Server(http.server.ThreadingHTTPServer):
-    address_family = socket.AF_INET6
-    def server_bind(self):
-        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        socketserver.TCPServer.server_bind(self)  # no reverse lookup of "::"
-        self.server_name, self.server_port = "localhost", self.server_address[1]
-
-def reply(handler, status, text):
-    body = text.encode()
-    handler.send_response(status)
-    handler.send_header("Content-Type", "text/plain")
-    handler.send_header("Content-Length", str(len(body)))
-    handler.end_headers()
-    handler.wfile.write(body)
-"#;
-
-/// `recommendation VERSION POD PORT`: answers `recommendation v1 from recommendation-v1`.
-const RECOMMENDATION: &str = r#"
-version, pod, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-
-class Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        reply(self, 200, f"recommendation {version} from {pod}\n")
-
-Server(("::", port), Handler).serve_forever()
-"#;
-
-/// `preference PORT URL...`: calls the URLs in turn (here one: the recommendation Service) and
-/// answers `preference => <answer>`.
-const PREFERENCE: &str = r#"
-import itertools, threading, urllib.request
-port, upstreams = int(sys.argv[1]), itertools.cycle(sys.argv[2:])
-lock = threading.Lock()
-opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-class Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        with lock:
-            url = next(upstreams)
-        try:
-            with opener.open(url, timeout=5) as answer:
-                reply(self, 200, f"preference => {answer.read().decode().strip()}\n")
-        except Exception as e:
-            reply(self, 503, f"preference => error calling {url}: {e}\n")
-
-Server(("::", port), Handler).serve_forever()
-"#;
-
-fn start_recommendation(pod: &Pod, version: &str) -> Result<ChildGuard> {
-    let script = format!("{SERVER_PRELUDE}{RECOMMENDATION}");
-    start_python(pod, &script, &[version, pod.name(), &PORT.to_string()])
-}
-
-/// preference calls the `recommendation` Service; the agent spreads the calls over v1 and v2.
-fn start_preference(pod: &Pod) -> Result<ChildGuard> {
-    let script = format!("{SERVER_PRELUDE}{PREFERENCE}");
-    let recommendation = format!("http://recommendation:{PORT}/");
-    start_python(pod, &script, &[&PORT.to_string(), &recommendation])
-}
-
-/// Runs `python3 -c script args...` in the pod (output to a log file in the cluster's scratch
-/// directory) and waits until it listens on [`PORT`].
-fn start_python(pod: &Pod, script: &str, args: &[&str]) -> Result<ChildGuard> {
-    let log_path = pod.workdir.join(format!("{}.log", pod.name()));
-    let log = File::create(&log_path).with_context(|| format!("create {}", log_path.display()))?;
-    let mut cmd = pod.command("/usr/bin/python3", ["-c", script].iter().chain(args))?;
-    cmd.env("PYTHONUNBUFFERED", "1")
-        .stdout(log.try_clone()?)
-        .stderr(log);
-    let name = format!("{} server", pod.name());
-    let child = cmd.spawn().with_context(|| format!("spawn {name}"))?;
-    let mut guard = ChildGuard { child, name };
-    pod.wait_for_port(&mut guard, PORT)
-        .with_context(|| crate::pod::tail_of(&log_path))?;
-    Ok(guard)
 }
 
 // ---------------------------------------------------------------- the steps
@@ -217,11 +89,42 @@ pub enum Step {
     CleanUp,
 }
 
-/// A change to the agents' policy directory.
+/// A change to the policies, made as the story's user makes it.
 #[derive(Debug, Clone)]
 pub enum PolicyChange {
-    Apply { name: String, yaml: String },
-    Delete { name: String },
+    /// `kubectl apply -f` of the manifest (file mode: written to the agents' policy directory
+    /// as `<name>.yaml`).
+    Apply(&'static Manifest),
+    /// `kubectl delete KIND NAME` (file mode: `<name>.yaml` removed).
+    Delete {
+        kind: &'static str,
+        name: &'static str,
+    },
+}
+
+impl PolicyChange {
+    /// The deletion of the object `manifest` makes.
+    fn delete(manifest: &Manifest) -> PolicyChange {
+        PolicyChange::Delete {
+            kind: manifest.kind,
+            name: manifest.name,
+        }
+    }
+
+    /// The `kubectl` command line that makes the change, with the manifests in `dir`.
+    pub fn kubectl_args(&self, dir: &Path) -> Vec<OsString> {
+        match self {
+            PolicyChange::Apply(manifest) => {
+                vec!["apply".into(), "-f".into(), dir.join(manifest.file).into()]
+            }
+            PolicyChange::Delete { kind, name } => {
+                let kind = kind.to_lowercase();
+                ["delete", "-n", NAMESPACE, &kind, name]
+                    .map(OsString::from)
+                    .into()
+            }
+        }
+    }
 }
 
 impl Step {
@@ -260,19 +163,18 @@ impl Step {
 
     /// The policy changes that lead into this step.
     pub fn changes(self) -> Vec<PolicyChange> {
-        let apply = |name: &str, yaml: String| PolicyChange::Apply {
-            name: name.into(),
-            yaml,
-        };
-        let delete = |name: &str| PolicyChange::Delete { name: name.into() };
+        use tutorial::{ALLOW_ONLY_CUSTOMER, PERMISSIVE, STRICT};
         match self {
             Step::Permissive => Vec::new(),
-            Step::Strict => vec![apply(PEER_AUTHENTICATION, peer_authentication("STRICT"))],
+            Step::Strict => vec![PolicyChange::Apply(&STRICT)],
             Step::AllowOnlyCustomer => vec![
-                apply(PEER_AUTHENTICATION, peer_authentication("PERMISSIVE")),
-                apply(AUTHORIZATION_POLICY, allow_only_customer()),
+                PolicyChange::Apply(&PERMISSIVE),
+                PolicyChange::Apply(&ALLOW_ONLY_CUSTOMER),
             ],
-            Step::CleanUp => vec![delete(PEER_AUTHENTICATION), delete(AUTHORIZATION_POLICY)],
+            Step::CleanUp => vec![
+                PolicyChange::delete(&PERMISSIVE),
+                PolicyChange::delete(&ALLOW_ONLY_CUSTOMER),
+            ],
         }
     }
 
@@ -285,54 +187,9 @@ impl Step {
     }
 }
 
-/// Applies the step's policy changes and waits until every agent reloaded.
-pub fn apply(cluster: &Cluster, changes: &[PolicyChange]) -> Result<()> {
-    for change in changes {
-        match change {
-            PolicyChange::Apply { name, yaml } => cluster.apply_policy(name, yaml)?,
-            PolicyChange::Delete { name } => cluster.delete_policy(name)?,
-        }
-    }
-    Ok(())
-}
-
-/// The story's `preference-mutualtls`, as `security.istio.io/v1` writes it today.
-pub fn peer_authentication(mode: &str) -> String {
-    format!(
-        "apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata:
-  name: {PEER_AUTHENTICATION}
-  namespace: {NAMESPACE}
-spec:
-  selector:
-    matchLabels:
-      app: preference
-  mtls:
-    mode: {mode}
-"
-    )
-}
-
-/// ALLOW for preference, with customer's identity as the only principal.
-pub fn allow_only_customer() -> String {
-    format!(
-        "apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata:
-  name: {AUTHORIZATION_POLICY}
-  namespace: {NAMESPACE}
-spec:
-  selector:
-    matchLabels:
-      app: preference
-  action: ALLOW
-  rules:
-  - from:
-    - source:
-        principals: [\"{CUSTOMER_PRINCIPAL}\"]
-"
-    )
+/// Makes the step's policy changes, each once every agent has loaded the one before.
+pub fn apply(stage: &dyn Stage, changes: &[PolicyChange]) -> Result<()> {
+    changes.iter().try_for_each(|change| stage.change(change))
 }
 
 // ---------------------------------------------------------------- the load
@@ -349,7 +206,8 @@ pub enum Client {
 impl Client {
     pub const ALL: [Client; 2] = [Client::CurlPod, Client::Customer];
 
-    pub fn pod_name(self) -> &'static str {
+    /// The client's pod: its name on the file-based cluster, its `app` label on Kubernetes.
+    pub fn app(self) -> &'static str {
         match self {
             Client::CurlPod => "curl",
             Client::Customer => "customer",
@@ -359,7 +217,7 @@ impl Client {
 
 impl fmt::Display for Client {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} pod", self.pod_name())
+        write!(f, "{} pod", self.app())
     }
 }
 
@@ -384,7 +242,7 @@ impl Call {
 /// Alternates the curl pod and the customer pod, `rounds` times each, `pause` between calls;
 /// `on_call` sees every call as it completes (and may stop the load with an error).
 pub fn load(
-    cluster: &Cluster,
+    stage: &dyn Stage,
     rounds: usize,
     pause: Duration,
     mut on_call: impl FnMut(&Call) -> Result<()>,
@@ -392,7 +250,7 @@ pub fn load(
     let mut calls = Vec::new();
     for _ in 0..rounds {
         for client in Client::ALL {
-            let call = curl_preference(cluster, client)?;
+            let call = curl_preference(stage, client)?;
             on_call(&call)?;
             calls.push(call);
             thread::sleep(pause);
@@ -401,14 +259,10 @@ pub fn load(
     Ok(calls)
 }
 
-/// `curl -sS --max-time 10 http://preference:8080` in the client's pod.
-pub fn curl_preference(cluster: &Cluster, client: Client) -> Result<Call> {
-    let pod = pod(cluster, client.pod_name())?;
-    let mut cmd = pod.command("curl", ["-sS", "--max-time", "10", PREFERENCE_URL])?;
-    for proxy in ["http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"] {
-        cmd.env_remove(proxy);
-    }
-    let out = run_with_timeout(&mut cmd, Duration::from_secs(15))
+/// `curl -sS --max-time 10 <preference>` in the client's pod.
+pub fn curl_preference(stage: &dyn Stage, client: Client) -> Result<Call> {
+    let out = stage
+        .curl(client, stage.url(client))
         .with_context(|| format!("curl in the {client}"))?;
     Ok(Call {
         client,
@@ -484,8 +338,10 @@ pub struct Event {
     /// The node whose agent logged it (the destination's node).
     pub node: String,
     pub outcome: Outcome,
-    /// Destination workload, `namespace/name`.
+    /// Destination workload, `namespace/name`, as the agent names it: the pod.
     pub workload: String,
+    /// The destination as Kiali names it, without its namespace ([`Stage::workload_of`]).
+    pub destination: String,
     /// The caller's SPIFFE ID, or `unknown`.
     pub peer_identity: String,
     pub src_addr: String,
@@ -497,7 +353,7 @@ pub struct Event {
 }
 
 impl Event {
-    fn parse(node: &str, line: &Value) -> Option<Event> {
+    fn parse(stage: &dyn Stage, node: &str, line: &Value) -> Option<Event> {
         let outcome = match line["message"].as_str()? {
             "inbound connection closed" if line.get("error").is_some() => Outcome::Failed,
             "inbound connection closed" => Outcome::Delivered,
@@ -512,10 +368,13 @@ impl Event {
             Outcome::Rejected => text("rejection"),
             Outcome::Failed => text("error"),
         };
+        let workload = text("workload")?;
+        let pod = workload.rsplit('/').next().unwrap_or(&workload);
         Some(Event {
             node: node.to_owned(),
             outcome,
-            workload: text("workload")?,
+            destination: stage.workload_of(pod),
+            workload,
             peer_identity: text("peer_identity").unwrap_or_else(|| "unknown".into()),
             src_addr: text("src_addr").unwrap_or_default(),
             security: Security::from_log(&line["security"]),
@@ -532,24 +391,18 @@ impl Event {
             None => "unknown".to_owned(),
         }
     }
-
-    /// The destination workload's name, without its namespace.
-    pub fn destination(&self) -> String {
-        let name = self.workload.rsplit('/').next().unwrap_or(&self.workload);
-        name.to_owned()
-    }
 }
 
 /// Every inbound event the agents logged since `mark`.
-pub fn events_since(cluster: &Cluster, mark: &LogMark) -> Result<Vec<Event>> {
+pub fn events_since(stage: &dyn Stage, mark: &LogMark) -> Result<Vec<Event>> {
     let mut events = Vec::new();
     for (node, &from) in &mark.0 {
-        let lines = cluster.agent_logs(node)?;
+        let lines = stage.cluster().agent_logs(node)?;
         events.extend(
             lines
                 .iter()
                 .skip(from)
-                .filter_map(|l| Event::parse(node, l)),
+                .filter_map(|l| Event::parse(stage, node, l)),
         );
     }
     Ok(events)
@@ -558,17 +411,17 @@ pub fn events_since(cluster: &Cluster, mark: &LogMark) -> Result<Vec<Event>> {
 /// Waits until the agents logged at least `expected` inbound events since `mark` (up to
 /// `timeout`), then a little longer for stragglers; returns them.
 pub fn wait_for_events(
-    cluster: &Cluster,
+    stage: &dyn Stage,
     mark: &LogMark,
     expected: usize,
     timeout: Duration,
 ) -> Result<Vec<Event>> {
     let deadline = Instant::now() + timeout;
-    while events_since(cluster, mark)?.len() < expected && Instant::now() < deadline {
+    while events_since(stage, mark)?.len() < expected && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(50));
     }
     thread::sleep(Duration::from_millis(300));
-    events_since(cluster, mark)
+    events_since(stage, mark)
 }
 
 /// How many inbound events the calls cause: an answered call passed preference and one
@@ -617,10 +470,10 @@ fn list(edges: &[Edge]) -> String {
 pub fn edges(events: &[Event]) -> Vec<Edge> {
     let mut by_key: BTreeMap<(String, String, Security), Edge> = BTreeMap::new();
     for e in events {
-        let key = (e.destination(), e.source(), e.security);
+        let key = (e.destination.clone(), e.source(), e.security);
         let edge = by_key.entry(key).or_insert_with(|| Edge {
             source: e.source(),
-            destination: e.destination(),
+            destination: e.destination.clone(),
             security: e.security,
             connections: 0,
             refused: 0,
@@ -646,16 +499,16 @@ pub struct StepReport {
 
 /// Runs the load for a step (its policies already applied) and gathers the agents' view.
 pub fn run_step(
-    cluster: &Cluster,
+    stage: &dyn Stage,
     step: Step,
     rounds: usize,
     pause: Duration,
     on_call: impl FnMut(&Call) -> Result<()>,
 ) -> Result<StepReport> {
-    let mark = mark_logs(cluster)?;
-    let calls = load(cluster, rounds, pause, on_call)?;
+    let mark = mark_logs(stage.cluster())?;
+    let calls = load(stage, rounds, pause, on_call)?;
     let events = wait_for_events(
-        cluster,
+        stage,
         &mark,
         expected_events(&calls),
         Duration::from_secs(10),
@@ -760,7 +613,7 @@ pub fn expect_refusal_reason<'e>(
     events
         .iter()
         .find(|e| {
-            e.destination() == destination
+            e.destination == destination
                 && e.outcome != Outcome::Delivered
                 && e.reason.as_deref().is_some_and(|r| r.contains(reason))
         })
