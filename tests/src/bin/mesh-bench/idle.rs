@@ -305,7 +305,8 @@ fn mentions_emfile(line: &str) -> bool {
     line.contains("Too many open files") || line.contains("os error 24")
 }
 
-fn vm_rss_kib(pid: u32) -> Result<u64> {
+/// The process's current resident memory (`VmRSS`), KiB.
+pub fn vm_rss_kib(pid: u32) -> Result<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("read /proc/{pid}/status"))?;
     status_kib(&status, "VmRSS:").ok_or_else(|| anyhow!("no VmRSS in /proc/{pid}/status"))

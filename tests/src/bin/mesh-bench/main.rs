@@ -24,6 +24,9 @@
 //! 1,000 Services, switched live, and the time and memory an agent needs to apply one change at
 //! that size ([`state_scale`]). The markdown report is printed and written to
 //! `bench/results/latest.md`.
+//!
+//! `--kubernetes` runs only the Kubernetes scale benchmark instead ([`kube_scale`]): one agent
+//! with 10,000 pods and 1,000 Services in a real control plane; `bench/results/kubernetes.md`.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -39,6 +42,7 @@ use serde_json::Value;
 mod bpf_stats;
 mod chart;
 mod idle;
+mod kube_scale;
 mod profile;
 mod report;
 mod state_scale;
@@ -66,6 +70,8 @@ struct Opts {
     quick: bool,
     /// Profile each test once on the mesh path instead of measuring.
     profile: bool,
+    /// Run the Kubernetes scale benchmark instead.
+    kubernetes: bool,
     /// Where the report and the chart go.
     out: PathBuf,
     reps: usize,
@@ -74,31 +80,34 @@ struct Opts {
     cr_n: usize,
 }
 
+const USAGE: &str = "usage: mesh-bench [--quick] [--profile] [--kubernetes] [--reps=N] [--out=DIR]";
+
 impl Opts {
     fn parse() -> Result<Self> {
         let mut quick = false;
         let mut profile = false;
+        let mut kubernetes = false;
         let mut reps = None;
         let mut out = workspace_root().join("bench/results");
         for a in std::env::args().skip(1) {
             match a.as_str() {
                 "--quick" => quick = true,
                 "--profile" => profile = true,
+                "--kubernetes" => kubernetes = true,
                 s if s.starts_with("--reps=") => reps = Some(s[7..].parse()?),
                 s if s.starts_with("--out=") => out = PathBuf::from(&s[6..]),
                 "-h" | "--help" => {
-                    println!("usage: mesh-bench [--quick] [--profile] [--reps=N] [--out=DIR]");
+                    println!("{USAGE}");
                     std::process::exit(0);
                 }
-                other => bail!(
-                    "unknown argument {other} (usage: mesh-bench [--quick] [--profile] [--reps=N] [--out=DIR])"
-                ),
+                other => bail!("unknown argument {other} ({USAGE})"),
             }
         }
         Ok(if quick {
             Opts {
                 quick,
                 profile,
+                kubernetes,
                 out,
                 reps: reps.unwrap_or(3),
                 iperf_secs: 2,
@@ -109,8 +118,10 @@ impl Opts {
             Opts {
                 quick,
                 profile,
+                kubernetes,
                 out,
-                reps: reps.unwrap_or(5),
+                // The Kubernetes benchmark's repetitions (churns, restarts) are long.
+                reps: reps.unwrap_or(if kubernetes { 3 } else { 5 }),
                 iperf_secs: 10,
                 rr_n: 20000,
                 cr_n: 2000,
@@ -221,6 +232,9 @@ fn workspace_root() -> PathBuf {
 fn run(opts: &Opts) -> Result<()> {
     let started = Instant::now();
     eprintln!("mesh-bench: {opts:?}");
+    if opts.kubernetes {
+        return kube_scale::run(opts);
+    }
     let cluster = Arc::new(
         Cluster::builder()
             .node(

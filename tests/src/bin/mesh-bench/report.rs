@@ -56,7 +56,8 @@ fn first_line(s: &str) -> String {
     s.lines().next().unwrap_or("").trim().to_owned()
 }
 
-fn machine() -> (String, String, String) {
+/// (CPUs, kernel release, CPU model) of this machine.
+pub fn machine() -> (String, String, String) {
     let nproc = thread::available_parallelism().map_or("?".into(), |n| n.to_string());
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| first_line(&s))
@@ -72,13 +73,18 @@ fn machine() -> (String, String, String) {
     (nproc, kernel, cpu)
 }
 
-pub fn report(opts: &Opts, res: &Results, check: &str, elapsed: Duration) -> String {
-    let (nproc, kernel, cpu) = machine();
-    let date = std::process::Command::new("date")
+/// Now, as `2026-12-01 20:05 UTC`.
+pub fn date_utc() -> String {
+    std::process::Command::new("date")
         .args(["-u", "+%Y-%m-%d %H:%M UTC"])
         .output()
         .map(|o| first_line(&String::from_utf8_lossy(&o.stdout)))
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+pub fn report(opts: &Opts, res: &Results, check: &str, elapsed: Duration) -> String {
+    let (nproc, kernel, cpu) = machine();
+    let date = date_utc();
     let mut s = String::new();
     let _ = writeln!(s, "# mesh-bench results\n");
     let _ = writeln!(

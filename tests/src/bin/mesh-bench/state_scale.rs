@@ -364,7 +364,7 @@ fn measure_states(
 }
 
 /// The 1-minute load average (`/proc/loadavg`).
-fn load_average() -> Option<f64> {
+pub fn load_average() -> Option<f64> {
     fs::read_to_string("/proc/loadavg")
         .ok()?
         .split_whitespace()

@@ -29,7 +29,19 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
     Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
-fn peak_rss_kib(pid: u32) -> Option<u64> {
+/// CPU seconds (user + system, all threads) the process has used since it started.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    Some(cpu_ticks(pid)? as f64 / ticks_per_second())
+}
+
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
+}
+
+/// The process's peak resident memory (`VmHWM`: since it started, or since [`Snapshot::take`]
+/// reset it), KiB.
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
@@ -59,7 +71,7 @@ impl Snapshot {
     }
 
     pub fn usage(&self) -> Usage {
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let hz = ticks_per_second();
         let mut u = Usage::default();
         for &(pid, t0) in &self.ticks {
             if let Some(t1) = cpu_ticks(pid) {
