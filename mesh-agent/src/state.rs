@@ -43,6 +43,10 @@ pub struct ServiceInfo {
     /// `name.namespace.svc.<trust domain>`.
     pub hostname: String,
     pub endpoints: Vec<Arc<WorkloadInfo>>,
+    /// It has ready endpoints outside the mesh (Kubernetes: addresses of its EndpointSlices
+    /// that are no mesh workload's): with no mesh endpoint, its clients are passed through to
+    /// them as plain TCP, as Istio ambient does.
+    pub outside_endpoints: bool,
     /// Turns for spreading connections over the endpoints.
     turns: AtomicUsize,
     /// Per endpoint: until when (ms on [`clock_ms`]) it is tried last, after a failed connect.
@@ -168,6 +172,11 @@ impl State {
                 hostname: service.hostname(&cluster.trust_domain),
                 service: service.clone(),
                 ejected_until: endpoints.iter().map(|_| AtomicU64::new(0)).collect(),
+                outside_endpoints: service
+                    .endpoint_ips
+                    .iter()
+                    .flatten()
+                    .any(|ip| !by_ip.contains_key(&ip.to_canonical())),
                 endpoints,
                 turns: AtomicUsize::new(0),
             });

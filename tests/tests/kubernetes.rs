@@ -147,8 +147,45 @@ fn service_call_across_nodes_is_mutual_tls() -> Result<()> {
     )
     .with_context(|| mesh.cluster().agent_log_tail("node-b"))?;
     assert!(line["bytes_sent"].as_u64() > Some(0), "{line}");
+
+    // A Service whose endpoints are all outside the mesh: passed through as plain TCP.
+    mesh.apply(PLAIN_WEB)?;
+    mesh.wait_ready("outside", "app=plainweb")?;
+    let out = mesh.curl(
+        NS,
+        "client",
+        "http://plainweb.outside.svc.cluster.local/",
+        CURL_TIME,
+    )?;
+    assert!(
+        out.success(),
+        "client → plainweb: {}; {}",
+        out.stderr_str(),
+        mesh.cluster().agent_log_tail("node-a")
+    );
     Ok(())
 }
+
+/// A web server outside the mesh (namespace `outside`) on node-b, behind Service `plainweb`.
+const PLAIN_WEB: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: plainweb, namespace: outside, labels: {app: plainweb}}
+spec:
+  nodeSelector: {kubernetes.io/hostname: node-b}
+  containers:
+  - name: web
+    image: python:3
+    command: [python3, -m, http.server, "8080", --directory, /usr/share/doc/curl]
+    readinessProbe: {tcpSocket: {port: 8080}, periodSeconds: 1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: plainweb, namespace: outside}
+spec:
+  selector: {app: plainweb}
+  ports: [{port: 80, targetPort: 8080}]
+"#;
 
 /// curl's exit code for `url` from the pod (0: the page came back; 56: the connection was
 /// reset, as STRICT does to plaintext callers).

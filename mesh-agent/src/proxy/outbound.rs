@@ -185,6 +185,11 @@ async fn handle(mut conn: TcpStream, peer: SocketAddr, source: Arc<Source>) {
                     Some(endpoints) if !endpoints.is_empty() => {
                         forward_hbone(&mut conn, endpoints, &source, &mut log).await
                     }
+                    // Only endpoints outside the mesh: to the virtual IP from the workload's
+                    // namespace, where the node's Service routing (kube-proxy) picks one.
+                    Some(_) if service.outside_endpoints => {
+                        forward_direct(&mut conn, dst, &source, &mut log).await
+                    }
                     _ => Err(OutboundError::NoEndpoint {
                         service: service.uid.clone(),
                         port: dst.port(),
