@@ -69,8 +69,8 @@ pub struct KubeScale {
     pub reps: usize,
     pub setup_s: f64,
     pub elapsed_s: f64,
-    /// The machine's 1-minute load average at the start and at the end (other processes share
-    /// its CPUs).
+    /// The machine's 1-minute load average at the start (others' processes only) and at the
+    /// end (this benchmark's included).
     pub load: (Option<f64>, Option<f64>),
     /// The agent's first start, on the nearly empty cluster: `following the Kubernetes API`
     /// to `agent ready`.

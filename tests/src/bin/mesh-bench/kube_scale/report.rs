@@ -73,8 +73,9 @@ fn header(s: &mut String, m: &KubeScale) {
          starting the control plane, the kubelet and the agent).\n\n\
          Machine: {nproc} CPUs (nproc), kernel {kernel}, CPU model: {cpu}. The control plane \
          (etcd, kube-apiserver, kube-controller-manager, kube-scheduler), the harness kubelet \
-         of node-a, the agent and mesh-bench itself share these CPUs; the machine's 1-minute \
-         load average was {} at the start and {} at the end (other processes run beside).\n",
+         of node-a, the agent and mesh-bench itself share these CPUs, with whatever else runs on \
+         the machine: its 1-minute load average was {} at the start (before this benchmark's \
+         processes) and {} at the end (theirs included).\n",
         date_utc(),
         m.reps,
         m.reps,
