@@ -158,16 +158,9 @@ async fn add(
             error: format!("no network namespace at {:?}", request.netns),
         };
     };
-    let workload = match sandboxes.add(sandbox_of(request)).await {
-        Err(err) => {
-            return Outcome::Failed {
-                error: format!("{err:#}"),
-            };
-        }
-        Ok(verdict) => match verdict_outcome(verdict) {
-            Ok(workload) => workload,
-            Err(outcome) => return outcome,
-        },
+    let workload = match verdict_outcome(sandboxes.add(sandbox_of(request)).await) {
+        Ok(workload) => workload,
+        Err(outcome) => return outcome,
     };
     let enrolled = served.wait_for(|s| s.0.get(&workload) == Some(&inode));
     match tokio::time::timeout(ENROL_TIMEOUT, enrolled).await {
@@ -189,16 +182,9 @@ async fn check(
     sandboxes: &Sandboxes,
     served: &watch::Receiver<Served>,
 ) -> Outcome {
-    let workload = match sandboxes.check(sandbox_of(request)).await {
-        Err(err) => {
-            return Outcome::Failed {
-                error: format!("{err:#}"),
-            };
-        }
-        Ok(verdict) => match verdict_outcome(verdict) {
-            Ok(workload) => workload,
-            Err(outcome) => return outcome,
-        },
+    let workload = match verdict_outcome(sandboxes.check(sandbox_of(request)).await) {
+        Ok(workload) => workload,
+        Err(outcome) => return outcome,
     };
     let inode = netns_inode(&request.netns);
     if inode.is_some() && served.borrow().0.get(&workload) == inode.as_ref() {
@@ -211,12 +197,15 @@ async fn check(
 }
 
 /// The workload to wait for, or the final outcome.
-fn verdict_outcome(verdict: SandboxVerdict) -> Result<String, Outcome> {
+fn verdict_outcome(verdict: anyhow::Result<SandboxVerdict>) -> Result<String, Outcome> {
     match verdict {
-        SandboxVerdict::InMesh { workload } => Ok(workload),
-        SandboxVerdict::NotInMesh { reason } => Err(Outcome::NotInMesh { reason }),
-        SandboxVerdict::UnknownPod => Err(Outcome::Failed {
+        Ok(SandboxVerdict::InMesh { workload }) => Ok(workload),
+        Ok(SandboxVerdict::NotInMesh { reason }) => Err(Outcome::NotInMesh { reason }),
+        Ok(SandboxVerdict::UnknownPod) => Err(Outcome::Failed {
             error: "the pod is not known to the API server yet".to_owned(),
+        }),
+        Err(err) => Err(Outcome::Failed {
+            error: format!("{err:#}"),
         }),
     }
 }

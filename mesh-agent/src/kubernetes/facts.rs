@@ -97,18 +97,9 @@ impl PodFacts {
             .collect::<Result<Vec<_>, _>>()?;
         let phase = status.and_then(|s| s.phase.as_deref());
         Ok(Self {
-            uid: meta
-                .uid
-                .clone()
-                .ok_or(FactsError::Missing("metadata.uid"))?,
-            namespace: meta
-                .namespace
-                .clone()
-                .ok_or(FactsError::Missing("metadata.namespace"))?,
-            name: meta
-                .name
-                .clone()
-                .ok_or(FactsError::Missing("metadata.name"))?,
+            uid: required(&meta.uid, "metadata.uid")?,
+            namespace: required(&meta.namespace, "metadata.namespace")?,
+            name: required(&meta.name, "metadata.name")?,
             node: spec.node_name.clone(),
             service_account: spec
                 .service_account_name
@@ -147,10 +138,7 @@ impl NamespaceFacts {
     pub fn of(namespace: &Namespace) -> Result<Self, FactsError> {
         let meta = &namespace.metadata;
         Ok(Self {
-            name: meta
-                .name
-                .clone()
-                .ok_or(FactsError::Missing("metadata.name"))?,
+            name: required(&meta.name, "metadata.name")?,
             ambient: meta
                 .labels
                 .as_ref()
@@ -208,14 +196,8 @@ impl ServiceFacts {
             })
             .collect::<Result<Vec<_>, FactsError>>()?;
         Ok(Some(Self {
-            namespace: meta
-                .namespace
-                .clone()
-                .ok_or(FactsError::Missing("metadata.namespace"))?,
-            name: meta
-                .name
-                .clone()
-                .ok_or(FactsError::Missing("metadata.name"))?,
+            namespace: required(&meta.namespace, "metadata.namespace")?,
+            name: required(&meta.name, "metadata.name")?,
             cluster_ips: unique,
             ports,
             selector: spec.selector.clone().unwrap_or_default(),
@@ -261,10 +243,7 @@ impl SliceFacts {
             }
         }
         Ok(Some(Self {
-            namespace: meta
-                .namespace
-                .clone()
-                .ok_or(FactsError::Missing("metadata.namespace"))?,
+            namespace: required(&meta.namespace, "metadata.namespace")?,
             service: service.clone(),
             ports,
             ready,
@@ -274,6 +253,11 @@ impl SliceFacts {
     pub fn service_key(&self) -> String {
         format!("{}/{}", self.namespace, self.service)
     }
+}
+
+/// A metadata field every object of the API has; its absence makes the object unusable.
+fn required(value: &Option<String>, field: &'static str) -> Result<String, FactsError> {
+    value.clone().ok_or(FactsError::Missing(field))
 }
 
 fn parse_ip(field: &'static str, value: &str) -> Result<IpAddr, FactsError> {
