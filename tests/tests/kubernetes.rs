@@ -151,6 +151,7 @@ fn service_call_across_nodes_is_mutual_tls() -> Result<()> {
     // A Service whose endpoints are all outside the mesh: passed through as plain TCP.
     mesh.apply(PLAIN_WEB)?;
     mesh.wait_ready("outside", "app=plainweb")?;
+    mesh.wait_routed_to("node-a", &mesh.pod_ip("outside", "plainweb")?)?;
     let out = mesh.curl(
         NS,
         "client",

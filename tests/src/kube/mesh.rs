@@ -415,6 +415,26 @@ impl KubeMesh {
         )
     }
 
+    /// Waits until `node`'s kube-proxy rules (in its kernel, not the file that loads them)
+    /// send connections to `pod_ip`, an IPv4 Service endpoint: a pod is Ready before its
+    /// EndpointSlice names it and before every node's rules follow, as in Kubernetes.
+    pub fn wait_routed_to(&self, node: &str, pod_ip: &str) -> Result<()> {
+        let needle = format!("{pod_ip} . ");
+        let list = ["list", "table", "ip", "kubeproxy"];
+        let cluster = self.cluster();
+        let routed = crate::sys::poll(POD_READY_TIMEOUT, Duration::from_millis(100), || {
+            cluster
+                .run_in_node(node, "nft", list, Duration::from_secs(5))
+                .is_ok_and(|out| out.success() && out.stdout_str().contains(&needle))
+        });
+        if !routed {
+            bail!(
+                "{node}'s kube-proxy rules do not route to {pod_ip} within {POD_READY_TIMEOUT:?}"
+            );
+        }
+        Ok(())
+    }
+
     /// Runs `f` with the node's kubelet.
     pub fn with_kubelet<T>(
         &self,
