@@ -8,10 +8,13 @@
 //! - [`ebpf`]: the kernel programs: load, attach, pin, enrol, original destinations;
 //! - [`proxy`]: where connections are accepted and forwarded;
 //! - [`agent`]: one node's agent, reconciling each local workload;
+//! - [`ca`]: the CA service (`mesh-agent ca serve`), which signs only identities of the asking
+//!   node's workloads;
 //! - [`netns`]: sockets inside workloads' network namespaces.
 
 pub mod admin;
 pub mod agent;
+pub mod ca;
 pub mod cni;
 pub mod ebpf;
 mod fswatch;

@@ -60,6 +60,10 @@ enum Command {
         /// least one; the node's workloads need the others (docs/performance.md).
         #[arg(long, env = "MESH_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
         worker_threads: Option<u16>,
+        /// This node's credential for the CA service: a directory with node-cert.pem and
+        /// node-key.pem, made by `mesh-agent ca add-node` (not needed with a token).
+        #[arg(long, env = "MESH_CA_CREDENTIAL")]
+        ca_credential: Option<PathBuf>,
     },
     /// Manage the mesh's certificate authority.
     #[command(subcommand)]
@@ -80,6 +84,32 @@ enum CaCommand {
     Init {
         /// Directory to write into; existing files are never overwritten.
         dir: PathBuf,
+    },
+    /// Run the CA service (Istio's CA API over TLS) until SIGTERM.
+    Serve {
+        /// The CA's configuration (CA.yaml).
+        #[arg(long, env = "MESH_CA_CONFIG")]
+        config: PathBuf,
+        /// Prometheus metrics (/metrics) and readiness (/healthz/ready).
+        #[arg(long, default_value = mesh_agent::ca::DEFAULT_METRICS_ADDR)]
+        metrics_addr: std::net::SocketAddr,
+    },
+    /// Issue a node credential into --out (node-cert.pem, node-key.pem, ca-roots.pem); the
+    /// node's previous credential, if any, stops being valid.
+    AddNode {
+        #[arg(long, env = "MESH_CA_CONFIG")]
+        config: PathBuf,
+        /// The node's name, as in the cluster file.
+        name: String,
+        /// Directory to write the credential into.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Revoke a node's credential: it authenticates nothing any more.
+    RevokeNode {
+        #[arg(long, env = "MESH_CA_CONFIG")]
+        config: PathBuf,
+        name: String,
     },
 }
 
@@ -116,6 +146,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
             metrics_addr,
             readiness_addr,
             worker_threads,
+            ca_credential,
         } => runtime(worker_threads)?.block_on(agent::run(agent::Config {
             admin: AdminConfig {
                 admin: admin_addr,
@@ -130,7 +161,18 @@ fn execute(command: Command) -> anyhow::Result<()> {
             node,
             bpf_pin_dir,
             drain_timeout: Duration::from_secs(drain_timeout_secs),
+            ca_credential,
         })),
+        Command::Ca(CaCommand::Serve {
+            config,
+            metrics_addr,
+        }) => runtime(None)?.block_on(mesh_agent::ca::serve(&config, metrics_addr)),
+        Command::Ca(CaCommand::AddNode { config, name, out }) => {
+            mesh_agent::ca::add_node(&config, &name, &out)
+        }
+        Command::Ca(CaCommand::RevokeNode { config, name }) => {
+            mesh_agent::ca::revoke_node(&config, &name)
+        }
         Command::Ca(CaCommand::Init { dir }) => {
             CertificateAuthority::init(&dir)?;
             println!(

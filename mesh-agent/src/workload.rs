@@ -94,20 +94,99 @@ impl Service {
     }
 }
 
-/// Where the mesh's signing certificate and key are, and how long workload certificates live.
-/// Relative paths are relative to the cluster file's directory.
+/// Who signs the workload certificates (the CA service, or for a single-host trial a CA key on
+/// the node), which roots peers must chain to, and how long certificates live. Relative paths
+/// are relative to the file's directory.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct IdentityConfig {
-    /// The signing certificate (a root, or an intermediate followed by its parents).
-    pub ca_cert: PathBuf,
-    pub ca_key: PathBuf,
-    /// The roots peers must chain to; several allow rotating the root. Default: the root of
-    /// `caCert`.
+    /// The CA service that signs this node's workload certificates (`mesh-agent ca serve`, or
+    /// istiod): no signing key on the node.
+    #[serde(default)]
+    pub ca: Option<RemoteCaConfig>,
+    /// A signing certificate on the node (a root, or an intermediate followed by its parents),
+    /// for a single-host trial: whoever holds `caKey` can mint any identity of the mesh.
+    #[serde(default)]
+    pub ca_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub ca_key: Option<PathBuf>,
+    /// The roots peers must chain to; several allow rotating the root. Default: `ca.roots`, or
+    /// the root of `caCert`.
     #[serde(default)]
     pub trust_bundle: Option<PathBuf>,
     #[serde(default = "default_cert_lifetime", with = "humantime_serde")]
     pub certificate_lifetime: Duration,
+}
+
+/// How to reach the CA service and prove who is asking.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RemoteCaConfig {
+    /// `https://host:port` of the CA's gRPC endpoint (Istio's `IstioCertificateService`).
+    pub address: String,
+    /// The roots the CA's serving certificate chains to.
+    pub roots: PathBuf,
+    /// A service account token file (Kubernetes: projected, audience `istio-ca`), sent as a
+    /// bearer token and read again for every request, as the kubelet rotates it. Without it,
+    /// the agent authenticates with its node credential (`mesh-agent run --ca-credential`).
+    #[serde(default)]
+    pub token: Option<PathBuf>,
+    /// The name the CA's serving certificate is checked against, when not the address's host
+    /// (istiod's is `istiod.istio-system.svc`).
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// Sent as the `clusterid` header, which istiod requires before it lets a node agent ask
+    /// for its workloads' identities (its default cluster ID is `Kubernetes`).
+    #[serde(default = "default_cluster_id")]
+    pub cluster_id: String,
+}
+
+fn default_cluster_id() -> String {
+    "Kubernetes".to_owned()
+}
+
+/// Where an agent's workload certificates come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signer<'a> {
+    Service(&'a RemoteCaConfig),
+    Local { cert: &'a Path, key: &'a Path },
+}
+
+impl IdentityConfig {
+    /// The one signer the section names.
+    pub fn signer(&self) -> Result<Signer<'_>, String> {
+        match (&self.ca, &self.ca_cert, &self.ca_key) {
+            (Some(ca), None, None) => Ok(Signer::Service(ca)),
+            (None, Some(cert), Some(key)) => Ok(Signer::Local { cert, key }),
+            (Some(_), _, _) => Err(
+                "identity: give either ca (the CA service) or caCert and caKey, not both"
+                    .to_owned(),
+            ),
+            (None, Some(_), None) => Err("identity: caCert needs caKey".to_owned()),
+            (None, None, Some(_)) => Err("identity: caKey needs caCert".to_owned()),
+            (None, None, None) => Err(
+                "identity: give ca (the CA service), or caCert and caKey for a single-host trial"
+                    .to_owned(),
+            ),
+        }
+    }
+
+    /// Makes its relative paths relative to `base`.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        let paths = [&mut self.ca_cert, &mut self.ca_key, &mut self.trust_bundle]
+            .into_iter()
+            .flatten()
+            .chain(
+                self.ca
+                    .iter_mut()
+                    .flat_map(|ca| std::iter::once(&mut ca.roots).chain(ca.token.as_mut())),
+            );
+        for path in paths {
+            if path.is_relative() {
+                *path = base.join(&*path);
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -253,20 +332,22 @@ impl Cluster {
     }
 
     fn resolve_paths(&mut self, base: &Path) {
-        let identity = &mut self.identity;
-        for path in [&mut identity.ca_cert, &mut identity.ca_key]
-            .into_iter()
-            .chain(identity.trust_bundle.as_mut())
-            .chain(self.policy.path.as_mut())
+        self.identity.resolve_paths(base);
+        if let Some(path) = self.policy.path.as_mut()
+            && path.is_relative()
         {
-            if path.is_relative() {
-                *path = base.join(&*path);
-            }
+            *path = base.join(&*path);
         }
     }
 
     /// Every workload must have a valid SPIFFE ID, so routing never meets one that has not.
     fn check_identities(&self, path: &Path) -> Result<(), ClusterFileError> {
+        self.identity
+            .signer()
+            .map_err(|message| ClusterFileError::InvalidNoLocation {
+                path: path.to_owned(),
+                message,
+            })?;
         for workload in self.nodes.iter().flat_map(|node| &node.workloads) {
             workload.spiffe_id(&self.trust_domain).map_err(|err| {
                 ClusterFileError::InvalidNoLocation {
@@ -545,8 +626,8 @@ nodes:
     fn relative_identity_paths_follow_the_cluster_file() {
         let cluster = Cluster::parse(GOOD, Path::new("/etc/mesh/cluster.yaml")).unwrap();
         assert_eq!(
-            cluster.identity.ca_cert,
-            Path::new("/etc/mesh/ca/ca-cert.pem")
+            cluster.identity.ca_cert.as_deref(),
+            Some(Path::new("/etc/mesh/ca/ca-cert.pem"))
         );
     }
 
@@ -573,12 +654,54 @@ nodes:
             .to_string()
     }
 
+    fn with_identity(identity: &str) -> String {
+        GOOD.replace(
+            "identity: {caCert: ca/ca-cert.pem, caKey: /etc/mesh/ca-key.pem, certificateLifetime: 1h}",
+            identity,
+        )
+    }
+
+    #[test]
+    fn the_ca_service_is_named_with_its_roots_relative_to_the_file() {
+        let text = with_identity(
+            "identity: {ca: {address: \"https://10.0.0.1:15012\", roots: ca/roots.pem}}",
+        );
+        let cluster = Cluster::parse(&text, Path::new("/etc/mesh/cluster.yaml")).unwrap();
+        let Ok(Signer::Service(ca)) = cluster.identity.signer() else {
+            panic!("not the CA service: {:?}", cluster.identity);
+        };
+        assert_eq!(ca.roots, Path::new("/etc/mesh/ca/roots.pem"));
+        assert_eq!(ca.token, None);
+    }
+
+    #[test]
+    fn exactly_one_signer_is_named() {
+        for (identity, error) in [
+            (
+                "identity: {ca: {address: \"https://x:1\", roots: r.pem}, caCert: c, caKey: k}",
+                "not both",
+            ),
+            ("identity: {caCert: c}", "caCert needs caKey"),
+            ("identity: {caKey: k}", "caKey needs caCert"),
+            ("identity: {}", "give ca (the CA service)"),
+        ] {
+            let err = parse(&with_identity(identity)).expect_err(identity);
+            assert!(err.to_string().contains(error), "{identity}: {err}");
+        }
+    }
+
     #[test]
     fn reads_a_complete_file_with_defaults() {
         let cluster = parse(GOOD).unwrap();
         assert_eq!(cluster.trust_domain.as_str(), "example.org");
-        assert_eq!(cluster.identity.ca_cert, Path::new("ca/ca-cert.pem"));
-        assert_eq!(cluster.identity.ca_key, Path::new("/etc/mesh/ca-key.pem"));
+        assert_eq!(
+            cluster.identity.ca_cert.as_deref(),
+            Some(Path::new("ca/ca-cert.pem"))
+        );
+        assert_eq!(
+            cluster.identity.ca_key.as_deref(),
+            Some(Path::new("/etc/mesh/ca-key.pem"))
+        );
         assert_eq!(
             cluster.identity.certificate_lifetime,
             Duration::from_secs(3600)

@@ -1,5 +1,5 @@
-//! Test infrastructure built from the Go module proxy: a real Kubernetes control plane, etcd
-//! and the CNI reference plugins for the harness. Never part of the product.
+//! Test infrastructure built from the Go module proxy: a real Kubernetes control plane, etcd,
+//! the CNI reference plugins and istiod for the harness. Never part of the product.
 //!
 //! Each tool set is built once into `~/.cache/mesh/go-tools/<name>-<version>/bin` (outside the
 //! work tree, so clean checkouts and later runs reuse it), and its binaries are linked into
@@ -93,7 +93,22 @@ const CNI_PLUGINS: GoToolSet = GoToolSet {
     ldflags: "",
 };
 
-const TOOL_SETS: &[GoToolSet] = &[KUBERNETES, ETCD, CNI_PLUGINS];
+/// istiod, whose CA the agents can use instead of the mesh's own (tests/tests/istiod_ca.rs).
+/// istio.io/istio has no releases as a Go module; this is the newest commit the proxy serves.
+/// A cold build takes about 15 minutes on 2 cores.
+const ISTIOD: GoToolSet = GoToolSet {
+    name: "istiod",
+    module: "istio.io/istio",
+    version: "v0.0.0-20260827124520-eed52ebb66ad",
+    binaries: &[(
+        "istio.io/istio/pilot/cmd/pilot-discovery",
+        "pilot-discovery",
+    )],
+    staging_version: None,
+    ldflags: "",
+};
+
+const TOOL_SETS: &[GoToolSet] = &[KUBERNETES, ETCD, CNI_PLUGINS, ISTIOD];
 
 /// `~/.cache/mesh/go-tools` (or under `$XDG_CACHE_HOME`).
 fn cache_root() -> Result<PathBuf> {

@@ -90,6 +90,10 @@ enum Task {
         /// Services in a real control plane; writes bench/results/kubernetes.md
         #[arg(long, conflicts_with_all = ["quick", "profile"])]
         kubernetes: bool,
+        /// Only the CA service's benchmark: CSR latency and signatures per second;
+        /// writes bench/results/ca.md
+        #[arg(long, conflicts_with_all = ["profile", "kubernetes"])]
+        ca: bool,
     },
 }
 
@@ -106,7 +110,8 @@ fn main() -> ExitCode {
             quick,
             profile,
             kubernetes,
-        } => bench(quick, profile, kubernetes),
+            ca,
+        } => bench(quick, profile, kubernetes, ca),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -179,7 +184,7 @@ fn demo(kubernetes: bool) -> Result<()> {
     cmd(&mut c)
 }
 
-fn bench(quick: bool, profile: bool, kubernetes: bool) -> Result<()> {
+fn bench(quick: bool, profile: bool, kubernetes: bool, ca: bool) -> Result<()> {
     let start = Instant::now();
     setup()?;
     build(true)?;
@@ -196,6 +201,9 @@ fn bench(quick: bool, profile: bool, kubernetes: bool) -> Result<()> {
     }
     if kubernetes {
         c.arg("--kubernetes");
+    }
+    if ca {
+        c.arg("--ca");
     }
     let result = cmd(&mut c);
     let secs = start.elapsed().as_secs();

@@ -199,6 +199,11 @@ struct KindLabel {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct IdentityLabel {
+    identity: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ResultLabel {
     result: RenewalResult,
 }
@@ -219,6 +224,7 @@ struct Inner {
     workloads: Gauge,
     inbound_rejections: Family<ReasonLabel, Counter>,
     certificate_renewals: Family<ResultLabel, Counter>,
+    certificate_expiry: Family<IdentityLabel, Gauge>,
     watch_events: Family<KindLabel, Counter>,
     state_builds: Counter,
 }
@@ -275,6 +281,12 @@ impl Metrics {
             "The total number of workload certificate renewals, by result",
             certificate_renewals.clone(),
         );
+        let certificate_expiry = Family::default();
+        registry.register(
+            "mesh_agent_certificate_expiry_seconds",
+            "When the current certificate of each workload identity on this node expires (Unix time)",
+            certificate_expiry.clone(),
+        );
         let watch_events = Family::default();
         registry.register(
             "mesh_agent_kubernetes_watch_events",
@@ -297,6 +309,7 @@ impl Metrics {
                 workloads,
                 inbound_rejections,
                 certificate_renewals,
+                certificate_expiry,
                 watch_events,
                 state_builds,
             }),
@@ -367,7 +380,27 @@ impl Metrics {
         self.inner.state_builds.inc();
     }
 
-    /// Counts one certificate renewal attempt.
+    /// The current certificate of `identity` expires at `not_after`.
+    pub fn certificate_expiry(&self, identity: &str, not_after: std::time::SystemTime) {
+        let seconds = not_after
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        self.inner
+            .certificate_expiry
+            .get_or_create(&IdentityLabel {
+                identity: identity.to_owned(),
+            })
+            .set(seconds);
+    }
+
+    /// `identity` left the node: its certificate is gone.
+    pub fn certificate_dropped(&self, identity: &str) {
+        self.inner.certificate_expiry.remove(&IdentityLabel {
+            identity: identity.to_owned(),
+        });
+    }
+
+    /// Counts one certificate request (first issuance or renewal).
     pub fn certificate_renewal(&self, result: RenewalResult) {
         self.inner
             .certificate_renewals

@@ -57,6 +57,8 @@ pub struct AdminState {
     pub metrics: Metrics,
     /// Why `/healthz/ready` answers 503; empty means ready (200).
     not_ready: Arc<Mutex<Vec<String>>>,
+    /// What `/healthz/ready` says besides, ready or not (a CA away, say).
+    notes: Arc<Mutex<Vec<String>>>,
     pub config_dump: ConfigDumpFn,
 }
 
@@ -69,6 +71,7 @@ impl AdminState {
         Self {
             metrics,
             not_ready: Arc::new(Mutex::new(vec!["starting".to_owned()])),
+            notes: Arc::new(Mutex::new(Vec::new())),
             config_dump: Arc::new(config_dump),
         }
     }
@@ -85,6 +88,15 @@ impl AdminState {
     /// Not ready for these reasons (one line each, shown by `/healthz/ready`); none: ready.
     pub fn set_not_ready(&self, reasons: Vec<String>) {
         *self.not_ready.lock().unwrap_or_else(|p| p.into_inner()) = reasons;
+    }
+
+    /// Lines `/healthz/ready` shows whether ready or not: things the agent copes with for now.
+    pub fn set_notes(&self, notes: Vec<String>) {
+        *self.notes.lock().unwrap_or_else(|p| p.into_inner()) = notes;
+    }
+
+    pub fn notes(&self) -> Vec<String> {
+        self.notes.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn is_ready(&self) -> bool {
@@ -356,15 +368,16 @@ impl Router {
 
     fn readiness(&self) -> Response<Full<Bytes>> {
         let reasons = self.state.not_ready_reasons();
-        if reasons.is_empty() {
-            return text(StatusCode::OK, "ready\n");
-        }
-        let mut body = String::from("not ready\n");
-        for reason in reasons {
-            body.push_str(&reason);
+        let (status, mut body) = if reasons.is_empty() {
+            (StatusCode::OK, String::from("ready\n"))
+        } else {
+            (StatusCode::SERVICE_UNAVAILABLE, String::from("not ready\n"))
+        };
+        for line in reasons.into_iter().chain(self.state.notes()) {
+            body.push_str(&line);
             body.push('\n');
         }
-        text(StatusCode::SERVICE_UNAVAILABLE, body)
+        text(status, body)
     }
 
     fn config_dump(&self) -> Response<Full<Bytes>> {

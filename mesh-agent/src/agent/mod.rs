@@ -24,14 +24,16 @@ use crate::{
     admin::{AdminConfig, AdminServer, AdminState, Metrics},
     cni::{self, CniServer},
     ebpf::{self, Capture},
-    identity::{CertificateAuthority, IdentityStore, TrustBundle},
+    identity::{
+        CertificateAuthority, CertificateIssuer, IdentityStore, RemoteCa, SharedBundle, TrustBundle,
+    },
     kubernetes::{self, MeshConfig},
     netns,
     policy::{PolicySet, PolicyWatcher},
     proxy::{hbone::HboneClient, inbound::InboundContext, outbound::Mesh},
     sources::{CLUSTER_FILE_POLL_INTERVAL, ClusterFileSource},
     state::{State, StateStore},
-    workload::{Cluster, IdentityConfig},
+    workload::{Cluster, Signer},
 };
 use reconcile::Reconciler;
 
@@ -56,6 +58,8 @@ pub struct Config {
     pub bpf_pin_dir: Option<PathBuf>,
     /// How long in-flight connections may take to finish after SIGTERM.
     pub drain_timeout: Duration,
+    /// The node credential (`mesh-agent ca add-node`) the agent shows the CA service.
+    pub ca_credential: Option<PathBuf>,
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -78,7 +82,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let running = NodeLock::shared(&pin_dir)?;
     let tracker = TaskTracker::new();
-    let (identities, bundle) = start_identities(&state.cluster, &shutdown)?;
+    let (identities, bundle) = start_identities(
+        &state.cluster,
+        config.ca_credential.as_deref(),
+        &metrics,
+        &shutdown,
+    )?;
 
     let mut capture = Capture::install(&pin_dir, &node.workload_cgroup)
         .context("installing the capture programs")?;
@@ -112,6 +121,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tracker: tracker.clone(),
     });
     let mut changes = store.subscribe();
+    let mut issued = context.identities.issued();
     let (served, served_rx) = cni::served_channel();
     origin.follow(&config, served_rx, &shutdown)?;
     let mut reconciler = Reconciler::new(capture, context.clone());
@@ -119,7 +129,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     served.send_if_modified(|s| replace_if_changed(s, reconciler.served()));
     drop(state);
     let mut readiness = Readiness::new(admin.clone(), metrics.clone(), pin_dir.clone(), running);
-    readiness.report(&reconciler);
+    readiness.report(&reconciler, &context.identities);
 
     let mut ticks = tokio::time::interval(RECONCILE_INTERVAL);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -129,12 +139,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let changed = tokio::select! {
             stopped = &mut stop => { stopped?; break; }
             _ = changes.changed() => true,
+            // A workload waiting for its first certificate is served at once.
+            _ = issued.changed() => false,
             _ = ticks.tick() => false,
         };
         let state = changes.borrow_and_update().clone();
         reconciler.sync(&state);
         served.send_if_modified(|s| replace_if_changed(s, reconciler.served()));
-        readiness.report(&reconciler);
+        readiness.report(&reconciler, &context.identities);
         if changed {
             drop(state);
             release_freed_memory();
@@ -275,7 +287,8 @@ impl Readiness {
         }
     }
 
-    fn report(&mut self, reconciler: &Reconciler) {
+    fn report(&mut self, reconciler: &Reconciler, identities: &IdentityStore) {
+        self.admin.set_notes(identities.failing_renewals());
         let mut unserved = reconciler.unserved();
         if let Some(newer) = self.lock.superseded_by() {
             unserved.insert(
@@ -310,7 +323,7 @@ impl Readiness {
 pub(crate) struct NodeContext {
     mesh: Arc<Mesh>,
     identities: IdentityStore,
-    bundle: TrustBundle,
+    bundle: SharedBundle,
     inbound: InboundContext,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -410,24 +423,48 @@ fn start_policy(
     }
 }
 
-/// Loads the CA and the trust bundle, and keeps the certificates the reconciler issues renewed.
+/// Sets up the issuer of the node's workload certificates (the CA service, or a CA key on the
+/// node for a single-host trial) and the trust bundle, and keeps the certificates the
+/// reconciler wants issued and renewed. A bundle read from a file follows the file's changes
+/// (root rotation).
 fn start_identities(
     cluster: &Cluster,
+    ca_credential: Option<&Path>,
+    metrics: &Metrics,
     shutdown: &CancellationToken,
-) -> anyhow::Result<(IdentityStore, TrustBundle)> {
-    let IdentityConfig {
-        ca_cert,
-        ca_key,
-        trust_bundle,
-        certificate_lifetime,
-    } = &cluster.identity;
-    let ca = CertificateAuthority::load(ca_cert, ca_key).context("loading the mesh CA")?;
-    let bundle = match trust_bundle {
-        Some(path) => TrustBundle::load(path),
-        None => TrustBundle::from_ca(&ca),
-    }
-    .context("loading the trust bundle")?;
-    let identities = IdentityStore::new(Arc::new(ca), *certificate_lifetime);
+) -> anyhow::Result<(IdentityStore, SharedBundle)> {
+    let identity = &cluster.identity;
+    let signer = identity.signer().map_err(|err| anyhow::anyhow!(err))?;
+    let (issuer, bundle): (Arc<dyn CertificateIssuer>, Result<_, Arc<_>>) = match signer {
+        Signer::Service(ca) => {
+            let client = RemoteCa::new(ca, ca_credential).context("setting up the CA client")?;
+            info!(ca = %ca.address, "workload certificates come from the CA service");
+            let file = identity.trust_bundle.as_ref().unwrap_or(&ca.roots);
+            (Arc::new(client), Ok(file.clone()))
+        }
+        Signer::Local { cert, key } => {
+            let ca =
+                Arc::new(CertificateAuthority::load(cert, key).context("loading the mesh CA")?);
+            warn!(
+                ca_key = %key.display(),
+                "this node holds the mesh's signing key: fine for a single-host trial, but whoever \
+                 takes the node can mint any identity (docs/identity.md)"
+            );
+            let bundle = identity.trust_bundle.clone().ok_or_else(|| Arc::clone(&ca));
+            (ca, bundle)
+        }
+    };
+    let bundle = match bundle {
+        Ok(file) => {
+            let shared =
+                SharedBundle::from(TrustBundle::load(&file).context("loading the trust bundle")?);
+            shared.follow_file(&file, shutdown.clone());
+            shared
+        }
+        Err(ca) => SharedBundle::from(TrustBundle::from_ca(&ca).context("the trust bundle")?),
+    };
+    let identities =
+        IdentityStore::with_metrics(issuer, identity.certificate_lifetime, metrics.clone());
     identities.clone().spawn_renewal(shutdown.clone());
     Ok((identities, bundle))
 }

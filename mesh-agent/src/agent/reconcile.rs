@@ -321,6 +321,7 @@ fn serve(
     info: &Arc<WorkloadInfo>,
     expected_inode: u64,
 ) -> anyhow::Result<Lifetime> {
+    require_certificate(context, info)?;
     let netns = NetNs::open(&info.workload.netns)?;
     let inode = netns.inode();
     if inode != expected_inode {
@@ -329,10 +330,6 @@ fn serve(
     if let Err(err) = netns.migrate_queued_connections() {
         warn!(workload = %info.uid, error = %err, "cannot set tcp_migrate_req; an upgrade may reset queued connections");
     }
-    context
-        .identities
-        .add(&info.identity)
-        .context("issuing the workload's certificate")?;
     let lifetime = Lifetime::within(&context.shutdown);
     let outbound = Outbound::listen(
         info.clone(),
@@ -365,6 +362,18 @@ fn serve(
     outbound.serve(&context.tracker);
     inbound.serve(&context.tracker);
     Ok(lifetime)
+}
+
+/// A workload is served only with a certificate for its identity: until the issuer (perhaps a
+/// CA across the network) has given one, its IPs stay guarded and its traffic refused.
+fn require_certificate(context: &NodeContext, info: &WorkloadInfo) -> anyhow::Result<()> {
+    if context.identities.want(&info.identity).is_some() {
+        return Ok(());
+    }
+    match context.identities.last_error(&info.identity) {
+        Some(error) => anyhow::bail!("no certificate for {} yet: {error}", info.identity),
+        None => anyhow::bail!("waiting for the certificate of {}", info.identity),
+    }
 }
 
 fn local_ips(state: &State) -> Vec<IpAddr> {

@@ -215,6 +215,51 @@ impl CertificateAuthority {
     /// A workload certificate for `id`, valid from one minute ago (clock skew) for `lifetime`,
     /// but never beyond the signing chain's own expiry.
     pub fn issue(&self, id: &SpiffeId, lifetime: Duration) -> Result<WorkloadCert, CaError> {
+        self.sign_leaf(&self.current_svid_params(id, lifetime)?)
+    }
+
+    /// A workload certificate for `id` carrying the public key of `csr` (whose key stays with
+    /// the requester), shaped exactly as [`Self::issue`] shapes it. Only the CSR's key is used:
+    /// its subject and any other extension it asks for are ignored, so a requester cannot widen
+    /// what the certificate may do.
+    pub fn sign_csr(
+        &self,
+        csr: &WorkloadCsr,
+        id: &SpiffeId,
+        lifetime: Duration,
+    ) -> Result<IssuedCert, CsrError> {
+        let wanted = id.to_string();
+        if csr.uri != wanted {
+            return Err(CsrError::IdentityMismatch {
+                csr: csr.uri.clone(),
+                identity: wanted,
+            });
+        }
+        let params = self.current_svid_params(id, lifetime)?;
+        let leaf = params
+            .signed_by(&csr.public_key, &self.issuer)
+            .map_err(CaError::from)?
+            .der()
+            .clone();
+        let facts = CertFacts::parse(&leaf).map_err(CaError::BadLeaf)?;
+        let chain = std::iter::once(leaf)
+            .chain(self.chain.iter().cloned())
+            .collect();
+        Ok(IssuedCert {
+            chain,
+            serial: facts.serial,
+            not_after: facts.not_after,
+        })
+    }
+
+    /// The one definition of a workload certificate's parameters, shared by [`Self::issue`] and
+    /// [`Self::sign_csr`]: valid from one minute ago (clock skew) for `lifetime`, never beyond
+    /// the signing chain's own expiry.
+    fn current_svid_params(
+        &self,
+        id: &SpiffeId,
+        lifetime: Duration,
+    ) -> Result<CertificateParams, CaError> {
         let now = SystemTime::now();
         if self.not_after <= now {
             return Err(CaError::SignerExpired {
@@ -222,7 +267,7 @@ impl CertificateAuthority {
             });
         }
         let not_after = (now + lifetime).min(self.not_after);
-        self.issue_with_validity(id, now - CLOCK_SKEW_ALLOWANCE, not_after)
+        svid_params(id, now - CLOCK_SKEW_ALLOWANCE, not_after)
     }
 
     /// A workload certificate for `id` with exactly the given validity, even one in the past or
@@ -233,9 +278,7 @@ impl CertificateAuthority {
         not_before: SystemTime,
         not_after: SystemTime,
     ) -> Result<WorkloadCert, CaError> {
-        let uri = rcgen::string::Ia5String::try_from(id.to_string())?;
-        let params = leaf_params(vec![SanType::URI(uri)], not_before, not_after);
-        self.sign_leaf(&params)
+        self.sign_leaf(&svid_params(id, not_before, not_after)?)
     }
 
     /// Signs a leaf with a fresh P-256 key for any parameters (tests use it for malformed
@@ -314,6 +357,108 @@ impl CertificateAuthority {
     pub fn key_pem(&self) -> String {
         self.issuer.key().serialize_pem()
     }
+}
+
+/// A certificate signed for a requester that holds the key: the chain (leaf first, then the
+/// signing certificate and its issuers below the root), the leaf's serial and expiry.
+#[derive(Debug, Clone)]
+pub struct IssuedCert {
+    pub chain: Vec<CertificateDer<'static>>,
+    /// Colon-separated hex, as [`WorkloadCert::serial`].
+    pub serial: String,
+    pub not_after: SystemTime,
+}
+
+/// Why a certificate signing request cannot be signed. Everything but [`CsrError::Ca`] is the
+/// requester's fault.
+#[derive(Debug, thiserror::Error)]
+pub enum CsrError {
+    #[error("the CSR is not a PEM PKCS #10 request with a valid signature: {0}")]
+    Unparsable(String),
+    #[error("the CSR's key is {0}; only ECDSA P-256 keys are signed")]
+    UnsupportedKey(String),
+    #[error("the CSR must carry exactly one subjectAltName, a URI; it has {count}: {sans}")]
+    Sans { count: usize, sans: String },
+    #[error("the CSR's URI subjectAltName {csr:?} is not the identity asked for, {identity:?}")]
+    IdentityMismatch { csr: String, identity: String },
+    #[error(transparent)]
+    Ca(#[from] CaError),
+}
+
+/// A parsed certificate signing request whose signature has been checked, reduced to what a
+/// certificate is made from: its public key and its one URI SAN.
+#[derive(Debug, Clone)]
+pub struct WorkloadCsr {
+    public_key: rcgen::PublicKey,
+    uri: String,
+}
+
+impl WorkloadCsr {
+    /// Parses a PEM PKCS #10 request, verifies its self-signature and requires exactly one SAN, a
+    /// URI, and an ECDSA P-256 key.
+    pub fn parse(pem: &str) -> Result<Self, CsrError> {
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(pem)
+            .map_err(|err| CsrError::Unparsable(err.to_string()))?;
+        check_csr_key(&csr.public_key)?;
+        let uri = match &csr.params.subject_alt_names[..] {
+            [SanType::URI(uri)] => uri,
+            sans => {
+                return Err(CsrError::Sans {
+                    count: sans.len(),
+                    sans: format!("{sans:?}"),
+                });
+            }
+        };
+        Ok(Self {
+            uri: uri.as_str().to_owned(),
+            public_key: csr.public_key,
+        })
+    }
+
+    /// The identity the requester asks for in its CSR.
+    pub fn uri_san(&self) -> &str {
+        &self.uri
+    }
+}
+
+/// Only P-256 keys (what agents generate) are signed. rcgen infers the key's algorithm from the
+/// CSR's *signature* algorithm, so the raw key's length is checked as well: a P-384 key signed
+/// with SHA-256 would otherwise be put into a certificate labelled P-256.
+fn check_csr_key(key: &rcgen::PublicKey) -> Result<(), CsrError> {
+    const P256_UNCOMPRESSED_LEN: usize = 65;
+    let alg = key.algorithm();
+    if alg != &PKCS_ECDSA_P256_SHA256 {
+        return Err(CsrError::UnsupportedKey(format!("{alg:?}")));
+    }
+    let raw = rcgen::PublicKeyData::der_bytes(key);
+    if raw.len() != P256_UNCOMPRESSED_LEN || raw[0] != 0x04 {
+        return Err(CsrError::UnsupportedKey(format!(
+            "an EC key of {} bytes, not an uncompressed P-256 point",
+            raw.len()
+        )));
+    }
+    Ok(())
+}
+
+/// An X.509-SVID's parameters for `id` with the given validity.
+fn svid_params(
+    id: &SpiffeId,
+    not_before: SystemTime,
+    not_after: SystemTime,
+) -> Result<CertificateParams, CaError> {
+    let uri = rcgen::string::Ia5String::try_from(id.to_string())?;
+    let mut params = leaf_params(vec![SanType::URI(uri)], not_before, not_after);
+    // rcgen would derive the serial from the public key; a requester that keeps its key across
+    // renewals would then get the same serial twice, which RFC 5280 forbids.
+    params.serial_number = Some(random_serial());
+    Ok(params)
+}
+
+/// A positive 16-byte random serial (the top bit cleared so DER needs no sign byte).
+fn random_serial() -> rcgen::SerialNumber {
+    let mut bytes: [u8; 16] = rand::random();
+    bytes[0] &= 0x7f;
+    rcgen::SerialNumber::from_slice(&bytes)
 }
 
 /// The roots that peers' chains must lead to. Several roots let the mesh rotate its root: trust

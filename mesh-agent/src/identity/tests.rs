@@ -48,9 +48,8 @@ fn store_from(ca: &Arc<CertificateAuthority>, ids: &[SpiffeId]) -> IdentityStore
         Arc::new(move |id: &SpiffeId, lifetime| Ok(ca.issue(id, lifetime)?)),
         HOUR,
     );
-    store
-        .issue_all(ids.iter().cloned())
-        .expect("initial issuance");
+    // The in-process CA answers at once: its future is ready when first polled.
+    futures::executor::block_on(store.issue_all(ids.iter().cloned())).expect("initial issuance");
     store
 }
 
@@ -592,13 +591,18 @@ mod renewal {
     }
 
     impl CertificateIssuer for FlakyIssuer {
-        fn issue(&self, id: &SpiffeId, lifetime: Duration) -> anyhow::Result<WorkloadCert> {
+        fn issue<'a>(
+            &'a self,
+            id: &'a SpiffeId,
+            lifetime: Duration,
+        ) -> futures::future::BoxFuture<'a, anyhow::Result<WorkloadCert>> {
             self.calls.fetch_add(1, Ordering::SeqCst);
-            anyhow::ensure!(
-                !self.failing.load(Ordering::SeqCst),
-                "CA unreachable (injected)"
-            );
-            Ok(self.ca.issue(id, lifetime)?)
+            let result = if self.failing.load(Ordering::SeqCst) {
+                Err(anyhow::anyhow!("CA unreachable (injected)"))
+            } else {
+                self.ca.issue(id, lifetime).map_err(Into::into)
+            };
+            Box::pin(std::future::ready(result))
         }
     }
 
@@ -611,7 +615,10 @@ mod renewal {
             Arc::new(move |id: &SpiffeId, lifetime| Ok(issuer_ca.issue(id, lifetime)?)),
             SHORT,
         );
-        store.issue_all([client_id(), server_id()]).expect("issue");
+        store
+            .issue_all([client_id(), server_id()])
+            .await
+            .expect("issue");
         let first = store.current(&server_id()).expect("server cert");
         let shutdown = CancellationToken::new();
         let task = store.clone().spawn_renewal(shutdown.clone());
@@ -652,7 +659,7 @@ mod renewal {
             calls: AtomicUsize::new(0),
         });
         let store = IdentityStore::new(issuer.clone(), lifetime);
-        let first = store.add(&client_id()).expect("first issuance");
+        let first = store.add(&client_id()).await.expect("first issuance");
         issuer.failing.store(true, Ordering::SeqCst);
         let shutdown = CancellationToken::new();
         let task = store.clone().spawn_renewal(shutdown.clone());
@@ -702,12 +709,116 @@ mod renewal {
         let shutdown = CancellationToken::new();
         let task = store.clone().spawn_renewal(shutdown.clone());
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let first = store.add(&client_id()).expect("issue");
+        let first = store.add(&client_id()).await.expect("issue");
         tokio::time::sleep(Duration::from_millis(1400)).await;
         let renewed = store.current(&client_id()).expect("cert");
         assert_ne!(renewed.serial(), first.serial());
         assert!(store.remove(&client_id()));
         assert!(store.identities().is_empty());
+        shutdown.cancel();
+        task.await.expect("renewal task ends");
+    }
+}
+
+mod rotation {
+    use super::*;
+
+    /// A trust bundle replaced in place (what follows its file) applies to the next handshake
+    /// of configurations made before, on both sides.
+    #[tokio::test]
+    async fn a_replaced_bundle_applies_to_the_next_handshake() {
+        let (old, new) = (new_ca(), new_ca());
+        let server_store = store_from(&old, &[server_id()]);
+        let client_store = store_from(&new, &[client_id()]);
+        let server_bundle = SharedBundle::from(bundle_of(&old));
+        let client_bundle = SharedBundle::from(bundle_of(&old));
+        let server = server_config(server_store, server_id(), server_bundle.clone(), TD)
+            .expect("server config");
+        let client = client_config(
+            client_store,
+            client_id(),
+            client_bundle.clone(),
+            vec![server_id()],
+        )
+        .expect("client config");
+
+        let refused = handshake(Arc::clone(&server), Arc::clone(&client)).await;
+        assert!(
+            refused.server.is_err(),
+            "the server trusts only the old root yet"
+        );
+
+        let both = TrustBundle::from_certs(
+            [&old, &new].map(|ca| ca.root_certificate().expect("root").clone()),
+        )
+        .expect("bundle");
+        server_bundle.replace(both.clone());
+        client_bundle.replace(both);
+        let outcome = handshake(server, client).await;
+        assert_eq!(outcome.server.expect("server side"), client_id());
+        assert_eq!(outcome.client.expect("client side"), server_id());
+    }
+}
+
+mod issuance {
+    use super::*;
+
+    /// Answers after a while, like a CA across the network; counts requests in flight.
+    struct SlowIssuer {
+        ca: Arc<CertificateAuthority>,
+        in_flight: AtomicUsize,
+        most_in_flight: AtomicUsize,
+    }
+
+    impl CertificateIssuer for SlowIssuer {
+        fn issue<'a>(
+            &'a self,
+            id: &'a SpiffeId,
+            lifetime: Duration,
+        ) -> futures::future::BoxFuture<'a, anyhow::Result<WorkloadCert>> {
+            Box::pin(async move {
+                let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                self.most_in_flight.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                self.in_flight.fetch_sub(1, Ordering::SeqCst);
+                Ok(self.ca.issue(id, lifetime)?)
+            })
+        }
+    }
+
+    /// Wanted identities are issued in the background, a bounded number at a time, and each
+    /// issuance is announced.
+    #[tokio::test]
+    async fn wanted_identities_are_issued_a_few_at_a_time() {
+        let issuer = Arc::new(SlowIssuer {
+            ca: new_ca(),
+            in_flight: AtomicUsize::new(0),
+            most_in_flight: AtomicUsize::new(0),
+        });
+        let store = IdentityStore::new(issuer.clone(), HOUR);
+        let mut issued = store.issued();
+        let shutdown = CancellationToken::new();
+        let task = store.clone().spawn_renewal(shutdown.clone());
+        let ids: Vec<SpiffeId> = (0..40).map(|i| id("default", &format!("sa-{i}"))).collect();
+        for id in &ids {
+            assert!(store.want(id).is_none(), "nothing issued synchronously");
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while ids.iter().any(|id| store.current(id).is_none()) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "not all issued in time"
+            );
+            let _ = tokio::time::timeout(Duration::from_secs(1), issued.changed()).await;
+        }
+        let most = issuer.most_in_flight.load(Ordering::SeqCst);
+        assert!(
+            (2..=16).contains(&most),
+            "{most} requests in flight at most"
+        );
+        for id in &ids {
+            assert!(store.want(id).is_some());
+        }
         shutdown.cancel();
         task.await.expect("renewal task ends");
     }

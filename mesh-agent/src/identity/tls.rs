@@ -20,7 +20,9 @@ use rustls::{
 };
 use x509_parser::extensions::GeneralName;
 
-use super::ca::TrustBundle;
+use arc_swap::ArcSwap;
+
+use super::bundle::SharedBundle;
 use super::spiffe::{SpiffeId, SpiffeIdError, validate_trust_domain};
 use super::store::IdentityStore;
 
@@ -149,18 +151,19 @@ pub enum TlsConfigError {
 pub fn server_config(
     store: IdentityStore,
     identity: SpiffeId,
-    bundle: TrustBundle,
+    bundle: impl Into<SharedBundle>,
     trust_domain: impl Into<String>,
 ) -> Result<Arc<ServerConfig>, TlsConfigError> {
     let trust_domain = trust_domain.into();
     validate_trust_domain(&trust_domain)?;
     let provider = provider();
+    let bundle = bundle.into();
+    let roots = bundle.current().root_store();
+    let webpki = client_chain_verifier(&roots, &provider)?;
     let verifier = SpiffeClientVerifier {
-        webpki: WebPkiClientVerifier::builder_with_provider(
-            bundle.root_store(),
-            Arc::clone(&provider),
-        )
-        .build()?,
+        bundle,
+        provider: Arc::clone(&provider),
+        webpki: ArcSwap::from_pointee((roots, webpki)),
         trust_domain,
     };
     let resolver = StoreCertResolver { store, identity };
@@ -183,12 +186,12 @@ pub fn server_config(
 pub fn client_config(
     store: IdentityStore,
     identity: SpiffeId,
-    bundle: TrustBundle,
+    bundle: impl Into<SharedBundle>,
     expected_server: Vec<SpiffeId>,
 ) -> Result<Arc<ClientConfig>, TlsConfigError> {
     let provider = provider();
     let verifier = SpiffeServerVerifier {
-        roots: bundle.root_store(),
+        bundle: bundle.into(),
         algorithms: provider.signature_verification_algorithms,
         expected: expected_server,
     };
@@ -201,6 +204,14 @@ pub fn client_config(
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     config.resumption = Resumption::disabled();
     Ok(Arc::new(config))
+}
+
+/// The standard client-certificate checks against `roots`.
+fn client_chain_verifier(
+    roots: &Arc<RootCertStore>,
+    provider: &Arc<CryptoProvider>,
+) -> Result<Arc<dyn ClientCertVerifier>, rustls::server::VerifierBuilderError> {
+    WebPkiClientVerifier::builder_with_provider(Arc::clone(roots), Arc::clone(provider)).build()
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -248,13 +259,33 @@ impl ResolvesClientCert for StoreCertResolver {
 /// well-formed and in the trust domain.
 #[derive(Debug)]
 struct SpiffeClientVerifier {
-    webpki: Arc<dyn ClientCertVerifier>,
+    bundle: SharedBundle,
+    provider: Arc<CryptoProvider>,
+    /// The webpki verifier of the bundle's roots, made again when the bundle changes.
+    webpki: ArcSwap<(Arc<RootCertStore>, Arc<dyn ClientCertVerifier>)>,
     trust_domain: String,
 }
 
+impl SpiffeClientVerifier {
+    /// The chain verifier for the bundle as it is now.
+    fn webpki(&self) -> Result<Arc<dyn ClientCertVerifier>, rustls::Error> {
+        let roots = self.bundle.current().root_store();
+        let cached = self.webpki.load();
+        if Arc::ptr_eq(&cached.0, &roots) {
+            return Ok(Arc::clone(&cached.1));
+        }
+        let verifier = client_chain_verifier(&roots, &self.provider)
+            .map_err(|err| rustls::Error::General(format!("trust bundle: {err}")))?;
+        self.webpki.store(Arc::new((roots, Arc::clone(&verifier))));
+        Ok(verifier)
+    }
+}
+
 impl ClientCertVerifier for SpiffeClientVerifier {
+    /// No hints: they would borrow from a bundle that may be replaced meanwhile, and clients
+    /// present their identity's one certificate whatever the hints.
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.webpki.root_hint_subjects()
+        &[]
     }
 
     fn verify_client_cert(
@@ -263,7 +294,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.webpki
+        self.webpki()?
             .verify_client_cert(end_entity, intermediates, now)?;
         let id = spiffe_id_of_certificate(end_entity).map_err(VerifyError::into_rustls)?;
         if id.trust_domain() != self.trust_domain {
@@ -282,7 +313,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.webpki.verify_tls12_signature(message, cert, dss)
+        self.webpki()?.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -291,11 +322,11 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.webpki.verify_tls13_signature(message, cert, dss)
+        self.webpki()?.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.webpki.supported_verify_schemes()
+        self.webpki.load().1.supported_verify_schemes()
     }
 }
 
@@ -303,7 +334,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
 /// the secure naming check on the server's SPIFFE ID.
 #[derive(Debug)]
 struct SpiffeServerVerifier {
-    roots: Arc<RootCertStore>,
+    bundle: SharedBundle,
     algorithms: WebPkiSupportedAlgorithms,
     expected: Vec<SpiffeId>,
 }
@@ -320,7 +351,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         let parsed = ParsedCertificate::try_from(end_entity)?;
         verify_server_cert_signed_by_trust_anchor(
             &parsed,
-            &self.roots,
+            &self.bundle.current().root_store(),
             intermediates,
             now,
             self.algorithms.all,

@@ -119,15 +119,11 @@ impl MeshConfig {
         let mut config: Self = serde_yaml_ng::from_str(text)
             .map_err(|err| anyhow::anyhow!("{}: {err}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        let identity = &mut config.identity;
-        for file in [&mut identity.ca_cert, &mut identity.ca_key]
-            .into_iter()
-            .chain(identity.trust_bundle.as_mut())
-        {
-            if file.is_relative() {
-                *file = base.join(&*file);
-            }
-        }
+        config.identity.resolve_paths(base);
+        config
+            .identity
+            .signer()
+            .map_err(|err| anyhow::anyhow!("{}: {err}", path.display()))?;
         Ok(config)
     }
 
@@ -151,8 +147,14 @@ mod tests {
             Path::new("/etc/mesh/mesh.yaml"),
         )
         .unwrap();
-        assert_eq!(config.identity.ca_cert, Path::new("/etc/mesh/ca/ca.crt"));
-        assert_eq!(config.identity.ca_key, Path::new("/abs/ca.key"));
+        assert_eq!(
+            config.identity.ca_cert.as_deref(),
+            Some(Path::new("/etc/mesh/ca/ca.crt"))
+        );
+        assert_eq!(
+            config.identity.ca_key.as_deref(),
+            Some(Path::new("/abs/ca.key"))
+        );
         assert_eq!(config.kubelet.cgroup_driver, CgroupDriver::Cgroupfs);
         assert_eq!(config.kubelet.cgroup_root, Path::new("/"));
         assert_eq!(config.trust_domain.as_str(), "cluster.local");

@@ -29,7 +29,7 @@ use tracing::{debug, info};
 
 use super::tunnel::{self, TunnelReader, TunnelWriter};
 use crate::{
-    identity::{self, IdentityStore, SpiffeId, TrustBundle},
+    identity::{self, IdentityStore, SharedBundle, SpiffeId},
     netns::NetNs,
 };
 
@@ -43,7 +43,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct HboneClient {
     pool: Mutex<HashMap<PoolKey, Slot>>,
     identities: IdentityStore,
-    bundle: TrustBundle,
+    bundle: SharedBundle,
     idle_timeout: Duration,
 }
 
@@ -133,7 +133,7 @@ pub enum HboneError {
 impl HboneClient {
     pub fn new(
         identities: IdentityStore,
-        bundle: TrustBundle,
+        bundle: SharedBundle,
         idle_timeout: Duration,
     ) -> Arc<Self> {
         let client = Arc::new(Self {

@@ -27,6 +27,8 @@
 //!
 //! `--kubernetes` runs only the Kubernetes scale benchmark instead ([`kube_scale`]): one agent
 //! with 10,000 pods and 1,000 Services in a real control plane; `bench/results/kubernetes.md`.
+//! `--ca` runs only the CA service's benchmark ([`ca`]): CSR latency and signatures per second;
+//! `bench/results/ca.md`.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -40,6 +42,7 @@ use mesh_tests::{ChildGuard, Cluster, NodeSpec, Pod, PodSpec, interrupt};
 use serde_json::Value;
 
 mod bpf_stats;
+mod ca;
 mod chart;
 mod idle;
 mod kube_scale;
@@ -72,6 +75,8 @@ struct Opts {
     profile: bool,
     /// Run the Kubernetes scale benchmark instead.
     kubernetes: bool,
+    /// Run the CA service benchmark instead.
+    ca: bool,
     /// Where the report and the chart go.
     out: PathBuf,
     reps: usize,
@@ -80,13 +85,15 @@ struct Opts {
     cr_n: usize,
 }
 
-const USAGE: &str = "usage: mesh-bench [--quick] [--profile] [--kubernetes] [--reps=N] [--out=DIR]";
+const USAGE: &str =
+    "usage: mesh-bench [--quick] [--profile] [--kubernetes | --ca] [--reps=N] [--out=DIR]";
 
 impl Opts {
     fn parse() -> Result<Self> {
         let mut quick = false;
         let mut profile = false;
         let mut kubernetes = false;
+        let mut ca = false;
         let mut reps = None;
         let mut out = workspace_root().join("bench/results");
         for a in std::env::args().skip(1) {
@@ -94,6 +101,7 @@ impl Opts {
                 "--quick" => quick = true,
                 "--profile" => profile = true,
                 "--kubernetes" => kubernetes = true,
+                "--ca" => ca = true,
                 s if s.starts_with("--reps=") => reps = Some(s[7..].parse()?),
                 s if s.starts_with("--out=") => out = PathBuf::from(&s[6..]),
                 "-h" | "--help" => {
@@ -108,6 +116,7 @@ impl Opts {
                 quick,
                 profile,
                 kubernetes,
+                ca,
                 out,
                 reps: reps.unwrap_or(3),
                 iperf_secs: 2,
@@ -119,6 +128,7 @@ impl Opts {
                 quick,
                 profile,
                 kubernetes,
+                ca,
                 out,
                 // The Kubernetes benchmark's repetitions (churns, restarts) are long.
                 reps: reps.unwrap_or(if kubernetes { 3 } else { 5 }),
@@ -234,6 +244,9 @@ fn run(opts: &Opts) -> Result<()> {
     eprintln!("mesh-bench: {opts:?}");
     if opts.kubernetes {
         return kube_scale::run(opts);
+    }
+    if opts.ca {
+        return ca::run(opts);
     }
     let cluster = Arc::new(
         Cluster::builder()

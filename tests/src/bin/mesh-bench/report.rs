@@ -22,6 +22,17 @@ impl Results {
     }
 }
 
+/// Nearest-rank percentile `p` (0–100) of `v`.
+pub fn percentile(v: &[f64], p: f64) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * s.len() as f64).ceil() as usize;
+    Some(s[rank.clamp(1, s.len()) - 1])
+}
+
 pub fn median(v: &[f64]) -> Option<f64> {
     if v.is_empty() {
         return None;

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use super::enrol::{self, Enrolment, PodTimes};
 use super::objects::{FAKE_NODES, NAMESPACES, PODS, SERVICES};
 use super::{IDLE, KubeScale, QUIET, Restart, SETTLE, Window};
-use crate::report::{date_utc, machine, median};
+use crate::report::{date_utc, machine, median, percentile};
 
 fn fmt(v: Option<f64>) -> String {
     match v {
@@ -28,17 +28,6 @@ fn med<T>(items: &[T], f: impl Fn(&T) -> f64) -> Option<f64> {
 /// The median of `f` over the `items` it has a value for.
 fn med_some<T>(items: &[T], f: impl Fn(&T) -> Option<f64>) -> Option<f64> {
     median(&items.iter().filter_map(f).collect::<Vec<_>>())
-}
-
-/// Nearest-rank percentile `p` (0–100) of `v`.
-fn percentile(v: &[f64], p: f64) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let rank = ((p / 100.0) * s.len() as f64).ceil() as usize;
-    Some(s[rank.clamp(1, s.len()) - 1])
 }
 
 fn mib(bytes: u64) -> f64 {
