@@ -19,6 +19,7 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::ca_service::{CA_SERVICE_NAME, CaAnswer, CaService};
 use crate::pod::run_with_timeout;
 use crate::pod::{ChildGuard, Pod, tail_of};
 use crate::services::{Service, ServiceSpec};
@@ -138,6 +139,7 @@ pub struct ClusterBuilder {
     settings: MeshSettings,
     nodes: Vec<NodeSpec>,
     services: Vec<ServiceSpec>,
+    ca_service: bool,
 }
 
 /// Mesh-wide settings written to the cluster file (durations as humantime strings, "24h").
@@ -160,6 +162,7 @@ impl ClusterBuilder {
             settings: MeshSettings::default(),
             nodes: Vec::new(),
             services: Vec::new(),
+            ca_service: false,
         }
     }
     pub fn trust_domain(mut self, td: &str) -> Self {
@@ -178,6 +181,15 @@ impl ClusterBuilder {
     }
     pub fn node(mut self, node: NodeSpec) -> Self {
         self.nodes.push(node);
+        self
+    }
+    /// Certificates from a central CA service instead of a signing key in the cluster file:
+    /// `mesh-agent ca serve` on a host of its own on the fabric ([`CaService`]), each node
+    /// enrolled with `ca add-node` into [`Cluster::node_credential_dir`], the cluster file's
+    /// `identity.ca` pointing at it, agents started with `--ca-credential`. The CA runs once
+    /// [`ClusterBuilder::build`] returns; see [`Cluster::stop_ca`] and [`Cluster::start_ca`].
+    pub fn with_ca_service(mut self) -> Self {
+        self.ca_service = true;
         self
     }
     /// A Service (virtual IPs given in order: 10.96.1.1, 10.96.1.2, ...; see [`Service`]).
@@ -220,7 +232,11 @@ impl ClusterBuilder {
             agents: Mutex::new(HashMap::new()),
             edits: Mutex::new(()),
             torn_down: AtomicBool::new(false),
+            ca_service: None,
         };
+        if self.ca_service {
+            cluster.ca_service = Some(CaService::new(&cluster));
+        }
         cluster
             .create(&self.nodes)
             .with_context(|| format!("build test cluster {}", cluster.id))?;
@@ -231,6 +247,9 @@ impl ClusterBuilder {
 fn check_spec(b: &ClusterBuilder) -> Result<()> {
     if b.nodes.is_empty() || b.nodes.len() > 250 {
         bail!("a cluster needs 1..=250 nodes");
+    }
+    if b.ca_service && b.nodes.iter().any(|n| n.name == CA_SERVICE_NAME) {
+        bail!("a node called `{CA_SERVICE_NAME}` would share the CA service's netns name");
     }
     let mut names = std::collections::HashSet::new();
     for n in &b.nodes {
@@ -379,6 +398,8 @@ pub struct Cluster {
     /// Held while the cluster file (and the pods it lists) changes: one change at a time.
     edits: Mutex<()>,
     torn_down: AtomicBool,
+    /// The central CA, with [`ClusterBuilder::with_ca_service`].
+    ca_service: Option<CaService>,
 }
 
 impl Cluster {
@@ -389,6 +410,10 @@ impl Cluster {
     /// The run id (`mt{pid}x{n}`) that prefixes every name of this cluster.
     pub fn id(&self) -> &str {
         &self.id
+    }
+    /// The mesh's trust domain (SPIFFE IDs are `spiffe://<it>/ns/<ns>/sa/<sa>`).
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
     }
     /// Scratch directory (cluster file, agent and server logs); removed on teardown.
     pub fn workdir(&self) -> &Path {
@@ -448,9 +473,45 @@ impl Cluster {
             self.nodes.push(node);
         }
         self.add_node_routes()?;
+        if let Some(ca) = &self.ca_service {
+            ca.set_up(self).context("set up the CA service")?;
+        }
         self.write_cluster_file()?;
         self.program_kube_proxy()?;
+        if let Some(ca) = &self.ca_service {
+            ca.start().context("start the CA service")?;
+        }
         Ok(())
+    }
+
+    /// Attaches a host of its own to the fabric, as a machine on the nodes' network: makes the
+    /// netns `netns` (removed on teardown) with `eth0` holding `ipv4`/24 and `ipv6`/64, whose
+    /// peer `port` is a port of the fabric's bridge. (The control plane and the CA service
+    /// live on such hosts.)
+    pub(crate) fn add_fabric_host(
+        &self,
+        netns: &str,
+        port: &str,
+        ipv4: Ipv4Addr,
+        ipv6: Ipv6Addr,
+    ) -> Result<()> {
+        let fab = self.fabric_netns();
+        self.add_netns(netns)?;
+        ip(&[
+            "link", "add", "eth0", "netns", netns, "type", "veth", "peer", "name", port, "netns",
+            &fab,
+        ])?;
+        ip_in(&fab, &["link", "set", port, "master", "br0", "up"])?;
+        ip_in(netns, &["link", "set", "lo", "up"])?;
+        ip_in(netns, &["link", "set", "eth0", "up"])?;
+        ip_in(
+            netns,
+            &["addr", "add", &format!("{ipv4}/24"), "dev", "eth0"],
+        )?;
+        ip_in(
+            netns,
+            &["addr", "add", &format!("{ipv6}/64"), "dev", "eth0", "nodad"],
+        )
     }
 
     /// Creates a netns (IPv6 DAD off, see [`sys::netns_add`]), removed on teardown.
@@ -708,8 +769,65 @@ impl Cluster {
     }
 
     /// The mesh CA made by `mesh-agent ca init` for this cluster: `ca-cert.pem`, `ca-key.pem`.
+    /// With [`ClusterBuilder::with_ca_service`] it is the CA service's directory, on the CA's
+    /// host only ([`CaService::dir`]); otherwise `ca/` next to the cluster file, which names it.
     pub fn ca_dir(&self) -> PathBuf {
-        self.workdir.join("ca")
+        match &self.ca_service {
+            Some(ca) => ca.dir().to_owned(),
+            None => self.workdir.join("ca"),
+        }
+    }
+
+    /// The central CA ([`ClusterBuilder::with_ca_service`]).
+    pub fn ca_service(&self) -> Result<&CaService> {
+        self.ca_service
+            .as_ref()
+            .ok_or_else(|| anyhow!("cluster {} has no CA service (with_ca_service)", self.id))
+    }
+
+    /// A CA outage: stops `mesh-agent ca serve` (SIGTERM, then waits for it to exit).
+    pub fn stop_ca(&self) -> Result<ExitStatus> {
+        self.ca_service()?.stop()
+    }
+
+    /// Starts the CA service again (same directory, same signing key, same node registry) and
+    /// waits until it is ready.
+    pub fn start_ca(&self) -> Result<()> {
+        self.ca_service()?.start()
+    }
+
+    /// The node's own directory of files (none of them the CA's): the node credential lives
+    /// in it ([`Cluster::node_credential_dir`]).
+    pub fn node_dir(&self, node: &str) -> PathBuf {
+        self.workdir.join("nodes").join(node)
+    }
+
+    /// Where `mesh-agent ca add-node` put the node's credential (`node-cert.pem`,
+    /// `node-key.pem`, `ca-roots.pem`); its agent runs with `--ca-credential` this directory.
+    pub fn node_credential_dir(&self, node: &str) -> PathBuf {
+        self.node_dir(node).join("ca-credential")
+    }
+
+    /// The CA service's trust bundle as the agents get it (`identity.ca.roots` of the cluster
+    /// file): a copy of the `ca-roots.pem` that `ca add-node` handed out.
+    pub fn ca_roots_path(&self) -> PathBuf {
+        self.workdir.join("ca-roots.pem")
+    }
+
+    /// Asks the CA service for a certificate for `identity` from inside `node`'s netns, as an
+    /// agent there would, authenticating with the node credential in `credential` (a directory
+    /// with `node-cert.pem` and `node-key.pem`; `None`: no client certificate). See
+    /// [`CaService::request_certificate`].
+    pub fn request_certificate(
+        &self,
+        node: &str,
+        credential: Option<&Path>,
+        identity: &str,
+    ) -> Result<CaAnswer> {
+        let netns = self.node(node)?.netns_path();
+        self.ca_service()?
+            .request_certificate(&netns, &self.ca_roots_path(), credential, identity)
+            .with_context(|| format!("ask the CA for {identity} from node {node}"))
     }
 
     fn create_ca(&self) -> Result<()> {
@@ -822,7 +940,9 @@ impl Cluster {
 
     /// The first cluster file (and the CA, the policy dir, the hosts file), before any agent.
     fn write_cluster_file(&self) -> Result<()> {
-        self.create_ca()?;
+        if self.ca_service.is_none() {
+            self.create_ca()?;
+        }
         sys::mkdir_all(&self.policy_dir())?;
         self.write_hosts_file()?;
         sys::write_atomic(&self.cluster_file, self.cluster_file_text()?.as_bytes())
@@ -833,10 +953,22 @@ impl Cluster {
     pub fn cluster_file_text(&self) -> Result<String> {
         let doc = FileDoc {
             trust_domain: self.trust_domain.clone(),
-            identity: FileIdentity {
-                ca_cert: "ca/ca-cert.pem".into(),
-                ca_key: "ca/ca-key.pem".into(),
-                certificate_lifetime: self.settings.certificate_lifetime.clone(),
+            identity: match &self.ca_service {
+                None => FileIdentity {
+                    ca_cert: Some("ca/ca-cert.pem".into()),
+                    ca_key: Some("ca/ca-key.pem".into()),
+                    ca: None,
+                    certificate_lifetime: self.settings.certificate_lifetime.clone(),
+                },
+                Some(ca) => FileIdentity {
+                    ca_cert: None,
+                    ca_key: None,
+                    ca: Some(FileCa {
+                        address: ca.address(),
+                        roots: self.ca_roots_path().display().to_string(),
+                    }),
+                    certificate_lifetime: self.settings.certificate_lifetime.clone(),
+                },
             },
             hbone: FileHbone {
                 idle_timeout: self.settings.hbone_idle_timeout.clone(),
@@ -1049,6 +1181,12 @@ impl Cluster {
     pub fn start_agent_with(&self, node: &str, cluster_file: &Path) -> Result<()> {
         let mut run: Vec<OsString> = vec!["--cluster".into(), cluster_file.into()];
         run.extend(["--node".into(), node.into()]);
+        if self.ca_service.is_some() {
+            run.extend([
+                "--ca-credential".into(),
+                self.node_credential_dir(node).into(),
+            ]);
+        }
         let cgroup = self.node(node)?.agent_cgroup();
         self.spawn_agent(node, run, &cgroup, Some(cluster_file), Vec::new())
     }
@@ -1279,6 +1417,12 @@ impl Cluster {
                 eprintln!("mesh-tests: stopping agent {node}: {e:#}");
             }
         }
+        if let Some(ca) = &self.ca_service {
+            if thread::panicking() {
+                eprintln!("--- CA service log ---\n{}", tail_of(&ca.log_path()));
+            }
+            ca.kill();
+        }
         let mut problems = Vec::new();
         if let Err(e) = sys::kill_and_remove_cgroup(&self.cgroup_dir) {
             problems.push(format!("{e:#}"));
@@ -1291,7 +1435,11 @@ impl Cluster {
                 problems.push(format!("{e:#}"));
             }
         }
-        for dir in [&self.pin_root, &self.workdir] {
+        let ca_dir = self.ca_service.as_ref().map(|ca| ca.dir().to_owned());
+        for dir in [Some(&self.pin_root), Some(&self.workdir), ca_dir.as_ref()]
+            .into_iter()
+            .flatten()
+        {
             if let Err(e) = fs::remove_dir_all(dir)
                 && e.kind() != std::io::ErrorKind::NotFound
             {
@@ -1318,7 +1466,7 @@ impl Drop for Cluster {
 
 /// SIGTERM, wait up to `grace`, then SIGKILL. Returns the exit status and
 /// whether SIGKILL was needed.
-fn terminate(child: &mut Child, grace: Duration) -> Result<(ExitStatus, bool)> {
+pub(crate) fn terminate(child: &mut Child, grace: Duration) -> Result<(ExitStatus, bool)> {
     if let Some(status) = child.try_wait()? {
         return Ok((status, false));
     }
@@ -1337,7 +1485,7 @@ fn terminate(child: &mut Child, grace: Duration) -> Result<(ExitStatus, bool)> {
 
 /// Parses the JSON lines of a log file from byte `offset` on. Lines with a
 /// nested `fields` object (tracing's default JSON layout) are flattened.
-fn read_log(path: &Path, offset: u64) -> Result<Vec<Value>> {
+pub(crate) fn read_log(path: &Path, offset: u64) -> Result<Vec<Value>> {
     let mut file = match fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -1408,10 +1556,22 @@ struct FileDoc {
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct FileIdentity {
-    ca_cert: String,
-    ca_key: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ca_cert: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ca_key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ca: Option<FileCa>,
     #[serde(skip_serializing_if = "Option::is_none")]
     certificate_lifetime: Option<String>,
+}
+
+/// `identity.ca`: the CA service the agents take their certificates from.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct FileCa {
+    address: String,
+    roots: String,
 }
 
 #[derive(Serialize)]

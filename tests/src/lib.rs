@@ -13,6 +13,10 @@
 //!   `cbr0`) with 10.*i*.0.*j+1*/24 and fd00:*i*::*j+1*/64, cgroup
 //!   `.../{node}/pods/{pod}`.
 //!
+//! With a central CA ([`ClusterBuilder::with_ca_service`]) a CA host netns `{id}-ca` joins the
+//! fabric with 10.255.0.253/24 and fd00:ff::fd/64 and runs `mesh-agent ca serve`
+//! ([`CaService`]); its files live outside the cluster's workdir, so no node sees its keys.
+//!
 //! In Kubernetes mode ([`kube::KubeCluster`]) a control-plane netns `{id}-cp` joins the fabric
 //! with 10.255.0.254/24 and fd00:ff::fe/64 and runs a real etcd, kube-apiserver,
 //! kube-controller-manager and kube-scheduler ([`kube::ControlPlane`]).
@@ -43,6 +47,7 @@
 //! # Ok(()) }
 //! ```
 
+mod ca_service;
 mod capture;
 mod cluster;
 pub mod interrupt;
@@ -54,6 +59,10 @@ mod services;
 mod sweep;
 pub mod sys;
 
+pub use ca_service::{
+    CA_IPV4, CA_IPV6, CA_ISSUED, CA_METRICS_PORT, CA_PORT, CA_REFUSED, CaAnswer, CaCaller,
+    CaService, NODE_CERT_FILE, NODE_KEY_FILE, NODE_ROOTS_FILE, request_certificate_at,
+};
 pub use capture::{PacketCapture, Pcap};
 pub use cluster::{
     CLUSTER_FILE_LOADED, CLUSTER_FILE_REJECTED, Cluster, ClusterBuilder, ConnectionLog, Node,

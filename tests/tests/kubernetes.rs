@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use mesh_tests::kube::{KubeMesh, MESH_NAMESPACE, two_nodes};
+use mesh_tests::kube::{CA_SERVICE_ACCOUNT, KubeMesh, MESH_NAMESPACE, two_nodes};
 use mesh_tests::kubelet::REQUESTED_IP_ANNOTATION;
 use serde_json::Value;
 
@@ -323,10 +323,56 @@ fn the_agent_runs_with_the_shipped_rbac_only() -> Result<()> {
         ("create", "pods"),
         ("patch", "peerauthentications.security.istio.io"),
         ("list", "configmaps"),
+        // No minting tokens of other service accounts, no signing.
+        ("create", "serviceaccounts/token"),
+        ("create", "certificatesigningrequests.certificates.k8s.io"),
     ] {
         assert!(
             !can(verb, resource)?,
             "the agent must not {verb} {resource}"
+        );
+    }
+    // The CA (deploy/ca/): TokenReview and the pods, nothing else. KubeMesh runs it with its
+    // ServiceAccount's token (so it became ready by listing the pods with these rights).
+    assert!(mesh.ca().running(), "the CA serves with its shipped RBAC");
+    let ca = format!("--as=system:serviceaccount:{MESH_NAMESPACE}:{CA_SERVICE_ACCOUNT}");
+    let ca_can = |verb: &str, resource: &str| -> Result<bool> {
+        let out = mesh.kube().control_plane().kubectl_output([
+            "auth",
+            "can-i",
+            verb,
+            resource,
+            "--all-namespaces",
+            &ca,
+        ])?;
+        Ok(out.stdout_str().trim() == "yes")
+    };
+    for (verb, resource) in [
+        ("create", "tokenreviews.authentication.k8s.io"),
+        ("get", "pods"),
+        ("list", "pods"),
+        ("watch", "pods"),
+    ] {
+        assert!(ca_can(verb, resource)?, "the CA needs to {verb} {resource}");
+    }
+    for (verb, resource) in [
+        ("get", "secrets"),
+        ("list", "secrets"),
+        ("list", "configmaps"),
+        ("list", "nodes"),
+        ("list", "serviceaccounts"),
+        ("create", "serviceaccounts/token"),
+        ("create", "pods"),
+        ("update", "pods"),
+        ("delete", "pods"),
+        ("create", "subjectaccessreviews.authorization.k8s.io"),
+        ("create", "certificatesigningrequests.certificates.k8s.io"),
+        ("impersonate", "serviceaccounts"),
+        ("create", "events"),
+    ] {
+        assert!(
+            !ca_can(verb, resource)?,
+            "the CA must not {verb} {resource}"
         );
     }
     // And with its own token, for real: the API server refuses it the Secrets.

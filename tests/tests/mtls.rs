@@ -22,9 +22,11 @@ const ECHO_PORT: u16 = 7000;
 const HTTP_PORT: u16 = 8080;
 
 /// node-a: `client` (enrolled, sa client) and `outsider` (not in the mesh);
-/// node-b: `web` (sa web) and `echo` (sa echo).
+/// node-b: `web` (sa web) and `echo` (sa echo). Certificates come from the CA service; the
+/// tests that mint certificates of their own (bad peers) take its signing key from its host.
 fn mtls_cluster(builder: ClusterBuilder) -> Result<Cluster> {
     builder
+        .with_ca_service()
         .node(
             NodeSpec::new("node-a")
                 .pod(PodSpec::new("client").service_account("client"))
@@ -713,13 +715,13 @@ fn hbone_connect(
     let bundle = TrustBundle::from_ca(&ca)?;
     let client: SpiffeId = CLIENT_ID.parse()?;
     let store = IdentityStore::new(Arc::new(ca), Duration::from_secs(3600));
-    store.issue_all([client.clone()])?;
     let netns = NetNs::open(&from.netns_path())?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let hbone = HboneClient::new(store, bundle, Duration::from_secs(5));
+        store.issue_all([client.clone()]).await?;
+        let hbone = HboneClient::new(store, bundle.into(), Duration::from_secs(5));
         let expected: SpiffeId = WEB_ID.parse()?;
         Ok(
             match hbone

@@ -21,7 +21,7 @@ use super::kubeconfig::{self, Credentials};
 use super::pki::{CertFiles, FRONT_PROXY_CLIENT, Pki};
 use super::tool;
 use crate::pod::{RunOutput, run_with_timeout, tail_of};
-use crate::sys::{self, ip, ip_in};
+use crate::sys;
 use crate::{Cluster, Node};
 
 /// The API server's address on the fabric (the nodes are 10.255.0.1, .2, ...).
@@ -206,37 +206,7 @@ impl ControlPlane {
 
     /// The netns, with `eth0` on the fabric bridge.
     fn connect(&self, cluster: &Cluster) -> Result<()> {
-        let ns = &self.running.netns;
-        let fab = cluster.fabric_netns();
-        cluster.add_netns(ns)?;
-        ip(&[
-            "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", "cp0", "netns",
-            &fab,
-        ])?;
-        ip_in(&fab, &["link", "set", "cp0", "master", "br0", "up"])?;
-        ip_in(ns, &["link", "set", "lo", "up"])?;
-        ip_in(ns, &["link", "set", "eth0", "up"])?;
-        ip_in(
-            ns,
-            &[
-                "addr",
-                "add",
-                &format!("{API_SERVER_IPV4}/24"),
-                "dev",
-                "eth0",
-            ],
-        )?;
-        ip_in(
-            ns,
-            &[
-                "addr",
-                "add",
-                &format!("{API_SERVER_IPV6}/64"),
-                "dev",
-                "eth0",
-                "nodad",
-            ],
-        )
+        cluster.add_fabric_host(&self.running.netns, "cp0", API_SERVER_IPV4, API_SERVER_IPV6)
     }
 
     fn write_kubeconfigs(&mut self) -> Result<()> {
@@ -625,6 +595,113 @@ impl ControlPlane {
             bail!("kubectl create token {sa} -n {namespace} printed no token");
         }
         Ok(token)
+    }
+
+    /// A token of ServiceAccount `namespace/sa` from the TokenRequest API (`kubectl create
+    /// token`) for `audience`, valid `duration` (the API's minimum is 10 minutes), bound to the
+    /// object `bound` = (kind, name) in the same namespace (`Pod`) or cluster-wide (`Node`): it
+    /// stops authenticating when that object is gone, and the API server names in it the
+    /// object (and for a Pod, its node).
+    pub fn bound_service_account_token(
+        &self,
+        namespace: &str,
+        sa: &str,
+        audience: &str,
+        bound: Option<(&str, &str)>,
+        duration: Duration,
+    ) -> Result<String> {
+        let duration = format!("{}s", duration.as_secs());
+        let mut args = vec![
+            "create",
+            "token",
+            sa,
+            "-n",
+            namespace,
+            "--audience",
+            audience,
+            "--duration",
+            &duration,
+        ];
+        if let Some((kind, name)) = bound {
+            args.extend(["--bound-object-kind", kind, "--bound-object-name", name]);
+        }
+        let out = self.kubectl(&args)?;
+        let token = out.stdout_str().trim().to_owned();
+        if token.is_empty() {
+            bail!("kubectl create token {sa} -n {namespace} printed no token");
+        }
+        Ok(token)
+    }
+
+    /// What the API server says of `token` for `audience` (a TokenReview, as the CA service
+    /// makes one): its `status` (`authenticated`, `user.username`, `user.extra`, `audiences`,
+    /// `error`).
+    pub fn token_review(&self, token: &str, audience: &str) -> Result<serde_json::Value> {
+        let dir = self.dir.join("manifests");
+        sys::mkdir_all(&dir)?;
+        let n = self.manifests.fetch_add(1, Ordering::Relaxed);
+        let path = dir.join(format!("{n:03}-tokenreview.json"));
+        let review = serde_json::json!({
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenReview",
+            "spec": {"token": token, "audiences": [audience]},
+        });
+        fs::write(&path, review.to_string())
+            .with_context(|| format!("write {}", path.display()))?;
+        let out = self.kubectl([
+            OsStr::new("create"),
+            OsStr::new("-o"),
+            OsStr::new("json"),
+            OsStr::new("-f"),
+            path.as_os_str(),
+        ])?;
+        let answer: serde_json::Value =
+            serde_json::from_slice(&out.stdout).context("a TokenReview that is not JSON")?;
+        Ok(answer["status"].clone())
+    }
+
+    /// `token` (a ServiceAccount JWT the API server issued) with its claims changed by `edit`
+    /// and signed again with the cluster's ServiceAccount signing key (ES256), as the API
+    /// server itself would sign those claims: for tokens the TokenRequest API will not make
+    /// (one that expired already, say).
+    pub fn resign_service_account_token(
+        &self,
+        token: &str,
+        edit: impl FnOnce(&mut serde_json::Value),
+    ) -> Result<String> {
+        use base64::Engine as _;
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+        let mut parts = token.split('.');
+        let (Some(header), Some(claims), Some(_), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            bail!("not a JWT (three dot-separated parts)");
+        };
+        let head: serde_json::Value =
+            serde_json::from_slice(&B64.decode(header)?).context("the JWT's header is not JSON")?;
+        if head["alg"] != "ES256" {
+            bail!("the token is signed with {}, not ES256", head["alg"]);
+        }
+        let mut claims: serde_json::Value = serde_json::from_slice(&B64.decode(claims)?)
+            .context("the JWT's claims are not JSON")?;
+        edit(&mut claims);
+        let signed = format!("{header}.{}", B64.encode(claims.to_string()));
+        let pem = fs::read_to_string(&self.pki.service_account_key)
+            .with_context(|| format!("read {}", self.pki.service_account_key.display()))?;
+        let pkcs8 = rcgen::KeyPair::from_pem(&pem)
+            .context("the ServiceAccount signing key")?
+            .serialize_der();
+        let rng = ring::rand::SystemRandom::new();
+        let key = ring::signature::EcdsaKeyPair::from_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            &pkcs8,
+            &rng,
+        )
+        .map_err(|e| anyhow!("the ServiceAccount signing key is not P-256: {e}"))?;
+        let signature = key
+            .sign(&rng, signed.as_bytes())
+            .map_err(|e| anyhow!("sign the token: {e}"))?;
+        Ok(format!("{signed}.{}", B64.encode(signature.as_ref())))
     }
 
     /// A kubeconfig that acts as ServiceAccount `namespace/sa` (a fresh token, see

@@ -1,9 +1,12 @@
 //! The mesh installed on a [`KubeCluster`] as an operator installs it: `kubectl apply
-//! --server-side -k deploy/`, the CA Secret, `mesh-cni install` into each node's CNI
-//! directories, and per node one `mesh-agent` run as the DaemonSet runs it: its arguments from
-//! the applied DaemonSet, its mesh settings from the applied ConfigMap, the API credentials of
-//! its ServiceAccount (so the shipped RBAC is what it gets), and its process in a pod cgroup
-//! below the node's kubepods, where the DaemonSet's pod would be.
+//! --server-side -k deploy/`, the CA Secret and the roots ConfigMap, the CA service run as its
+//! Deployment runs it ([`super::ca`]), `mesh-cni install` into each node's CNI directories, and
+//! per node one `mesh-agent` run as the DaemonSet runs it: its arguments from the applied
+//! DaemonSet, its mesh settings from the applied ConfigMap, the files its pod mounts (the roots
+//! ConfigMap, and its projected token for the CA: a real TokenRequest bound to the node's
+//! DaemonSet pod), the API credentials of its ServiceAccount (so the shipped RBAC is what it
+//! gets), and its process in a pod cgroup below the node's kubepods, where the DaemonSet's pod
+//! would be. No agent gets the signing key.
 //!
 //! The harness kubelets (`mesh-kubelet`) play the kubelet and the runtime for every other pod.
 
@@ -16,12 +19,20 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::Value;
 
-use super::{CgroupDriver, KubeCluster};
+use super::ca::{
+    self, CA_AUDIENCE, CA_CONFIG_KEY, CA_CONFIGMAP, CA_DEPLOYMENT, CA_GRPC_PORT,
+    CA_ROOTS_CONFIGMAP, CA_ROOTS_KEY, CA_SECRET, KubeCa, Launch,
+};
+use super::{API_SERVER_IPV4, CgroupDriver, KubeCluster};
+use crate::ca_service::{CaAnswer, CaCaller, request_certificate_at};
 use crate::kubelet::KubeletProcess;
 use crate::kubelet::cgroups::{QosClass, container_cgroup, pod_cgroup};
 use crate::pod::{RunOutput, run_with_timeout};
 use crate::sys;
 
+/// How long the DaemonSet controller and the scheduler may take to give a new node its
+/// agent pod.
+const AGENT_POD_TIMEOUT: Duration = Duration::from_secs(10);
 /// The agent's namespace and ServiceAccount, as deploy/ names them.
 pub const MESH_NAMESPACE: &str = "mesh-system";
 const AGENT_SERVICE_ACCOUNT: &str = "mesh-agent";
@@ -53,9 +64,21 @@ pub fn cni_plugin_bin() -> Result<PathBuf> {
 
 /// A [`KubeCluster`] with the mesh installed, a harness kubelet per node, and the agents.
 pub struct KubeMesh {
-    // Fields drop in order: kubelets (they stop their pods) before the cluster.
+    // Fields drop in order: kubelets (they stop their pods), then the CA, before the cluster.
     kubelets: Mutex<BTreeMap<String, KubeletProcess>>,
+    ca: KubeCa,
     kc: KubeCluster,
+}
+
+/// What a container finds at a path the kubelet mounts (see [`KubeMesh::mounted_file`]).
+enum Mounted {
+    /// A key of a ConfigMap or Secret.
+    Data(Vec<u8>),
+    /// A projected service account token.
+    Token {
+        audience: String,
+        expiration: Duration,
+    },
 }
 
 /// The UID of the pod `namespace/name` the kubelet runs, from its state files.
@@ -108,11 +131,19 @@ impl KubeMesh {
                 b.node(name, *driver)
             })
             .build()?;
+        let ca = KubeCa::new(
+            kc.cluster().workdir().join("mesh-ca"),
+            kc.cluster().cgroup_dir().join("mesh-ca"),
+            kc.control_plane().netns_path(),
+        );
         let mesh = Self {
             kubelets: Mutex::new(BTreeMap::new()),
+            ca,
             kc,
         };
         mesh.install()?;
+        mesh.set_up_ca().context("set up the CA service")?;
+        mesh.ca.start().context("start the CA service")?;
         for (node, _) in nodes {
             mesh.start_kubelet(node)?;
         }
@@ -141,8 +172,9 @@ impl KubeMesh {
         self.kc.control_plane().apply(yaml)
     }
 
-    /// deploy/ applied with kubectl's kustomize, server-side, and the CA Secret the DaemonSet
-    /// mounts, made from the cluster's CA as docs/kubernetes.md says.
+    /// deploy/ applied with kubectl's kustomize, server-side, the CA Secret the CA's
+    /// Deployment mounts and the roots ConfigMap the DaemonSet mounts, made from the cluster's
+    /// CA as docs/kubernetes.md says.
     fn install(&self) -> Result<()> {
         let deploy = deploy_dir();
         self.kubectl([
@@ -160,11 +192,231 @@ impl KubeMesh {
             "create",
             "secret",
             "generic",
-            "mesh-ca",
+            CA_SECRET,
             &cert,
             &key,
         ])?;
+        let roots = format!(
+            "--from-file={CA_ROOTS_KEY}={}",
+            ca.join("ca-cert.pem").display()
+        );
+        self.kubectl([
+            "-n",
+            MESH_NAMESPACE,
+            "create",
+            "configmap",
+            CA_ROOTS_CONFIGMAP,
+            &roots,
+        ])?;
         Ok(())
+    }
+
+    /// Reads how the Deployment runs the CA (see [`super::ca`]), writes this machine's
+    /// `ca.yaml` and the files its pod mounts, and scales the Deployment to 0 (the harness
+    /// kubelets cannot run it; this process plays its pod).
+    fn set_up_ca(&self) -> Result<()> {
+        let deployment =
+            self.get_json(&["-n", MESH_NAMESPACE, "get", "deployment", CA_DEPLOYMENT])?;
+        self.kubectl([
+            "-n",
+            MESH_NAMESPACE,
+            "scale",
+            "deployment",
+            CA_DEPLOYMENT,
+            "--replicas=0",
+        ])?;
+        let spec = &deployment["spec"]["template"]["spec"];
+        let container = &spec["containers"][0];
+        let service_account = spec["serviceAccountName"]
+            .as_str()
+            .context("the CA's pod has no serviceAccountName")?;
+        let cm = self.get_json(&["-n", MESH_NAMESPACE, "get", "configmap", CA_CONFIGMAP])?;
+        let text = cm["data"][CA_CONFIG_KEY]
+            .as_str()
+            .with_context(|| format!("the ConfigMap {CA_CONFIGMAP} has no {CA_CONFIG_KEY}"))?;
+        let mut config: serde_yaml_ng::Value =
+            serde_yaml_ng::from_str(text).context("parse ca.yaml of the ConfigMap")?;
+        let root = self.ca.dir().join("root");
+        for key in ["signingCert", "signingKey", "trustBundle"] {
+            let Some(path) = config[key].as_str().map(str::to_owned) else {
+                continue;
+            };
+            let Mounted::Data(data) = self.mounted_file(spec, container, &path)? else {
+                bail!("ca.yaml's {key} {path} is not a ConfigMap's or Secret's file");
+            };
+            let local = local_copy(&root, &path, &data)?;
+            config[key] = serde_yaml_ng::Value::String(local.display().to_string());
+        }
+        config["serverNames"]
+            .as_sequence_mut()
+            .context("ca.yaml has no serverNames")?
+            .push(API_SERVER_IPV4.to_string().into());
+        let config_path = self.ca.config_path();
+        let text = serde_yaml_ng::to_string(&config).context("write ca.yaml")?;
+        sys::write_atomic(&config_path, text.as_bytes())?;
+        let (ready_port, ready_path) = ca::readiness(container)?;
+        let kubeconfig = self
+            .kc
+            .control_plane()
+            .service_account_kubeconfig(MESH_NAMESPACE, service_account)?;
+        self.ca.configure(Launch {
+            args: ca::ca_args(container, &config_path)?,
+            kubeconfig,
+            ready_port,
+            ready_path,
+        });
+        Ok(())
+    }
+
+    /// The CA service ([`super::ca`]): its logs, its files.
+    pub fn ca(&self) -> &KubeCa {
+        &self.ca
+    }
+
+    /// A CA outage: stops `ca serve` (SIGTERM, then waits for it to exit).
+    pub fn stop_ca(&self) -> Result<std::process::ExitStatus> {
+        self.ca.stop()
+    }
+
+    /// Starts the CA service again (same configuration) and waits until it is ready.
+    pub fn start_ca(&self) -> Result<()> {
+        self.ca.start()
+    }
+
+    /// Where the agents reach the CA here: `https://10.255.0.254:15012`.
+    pub fn ca_address(&self) -> String {
+        format!("https://{API_SERVER_IPV4}:{CA_GRPC_PORT}")
+    }
+
+    /// The roots the CA's serving certificate chains to (the mesh's root).
+    pub fn ca_roots_path(&self) -> PathBuf {
+        self.cluster().ca_dir().join("ca-cert.pem")
+    }
+
+    /// A fresh token for the CA as the node's agent has it: ServiceAccount
+    /// `mesh-system/mesh-agent`, audience `istio-ca`, valid an hour, bound to the node's
+    /// DaemonSet pod (to its Node object if there is no such pod).
+    pub fn agent_ca_token(&self, node: &str) -> Result<String> {
+        self.agent_token(node, CA_AUDIENCE, Duration::from_secs(3600))
+    }
+
+    fn agent_token(&self, node: &str, audience: &str, expiration: Duration) -> Result<String> {
+        let pod = self.agent_pod(node)?;
+        let bound = match &pod {
+            Some((name, _)) => ("Pod", name.as_str()),
+            None => ("Node", node),
+        };
+        self.kc.control_plane().bound_service_account_token(
+            MESH_NAMESPACE,
+            AGENT_SERVICE_ACCOUNT,
+            audience,
+            Some(bound),
+            expiration,
+        )
+    }
+
+    /// One `CreateCertificate` for `identity` from inside `node`'s netns, as the node's agent
+    /// makes it, with `token` as its bearer token (`None`: no credential).
+    pub fn request_certificate(
+        &self,
+        node: &str,
+        token: Option<&str>,
+        identity: &str,
+    ) -> Result<CaAnswer> {
+        let netns = self.cluster().node(node)?.netns_path();
+        let caller = token.map_or(CaCaller::Anonymous, CaCaller::Token);
+        request_certificate_at(
+            &netns,
+            &self.ca_address(),
+            &self.ca_roots_path(),
+            caller,
+            identity,
+        )
+        .with_context(|| format!("ask the CA for {identity} from node {node}"))
+    }
+
+    /// What the container of `spec` (a PodSpec, as JSON) finds at `path`: the volume mounted
+    /// at the longest prefix of it, and in it the file `path` names, as the kubelet makes it
+    /// (ConfigMap, Secret and projected service account token volumes).
+    fn mounted_file(&self, spec: &Value, container: &Value, path: &str) -> Result<Mounted> {
+        let (mount, file) = container["volumeMounts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| {
+                let at = m["mountPath"].as_str()?.trim_end_matches('/');
+                let file = path.strip_prefix(at)?.strip_prefix('/')?;
+                Some((m, file, at.len()))
+            })
+            .max_by_key(|(_, _, len)| *len)
+            .map(|(m, file, _)| (m, file))
+            .with_context(|| format!("no volume of the container is mounted above {path}"))?;
+        let name = mount["name"]
+            .as_str()
+            .context("a volumeMount without name")?;
+        let volume = spec["volumes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|v| v["name"] == name)
+            .with_context(|| format!("no volume {name} for the mount of {path}"))?;
+        // The key of a ConfigMap's or Secret's `items`, if they map this file.
+        let key_of = |source: &Value| -> String {
+            source["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|i| i["path"] == file)
+                .and_then(|i| i["key"].as_str())
+                .unwrap_or(file)
+                .to_owned()
+        };
+        if let Some(cm) = volume.get("configMap") {
+            let cm_name = cm["name"]
+                .as_str()
+                .context("a configMap volume without name")?;
+            let key = key_of(cm);
+            let obj = self.get_json(&["-n", MESH_NAMESPACE, "get", "configmap", cm_name])?;
+            let data = obj["data"][&key]
+                .as_str()
+                .with_context(|| format!("the ConfigMap {cm_name} has no key {key} ({path})"))?;
+            return Ok(Mounted::Data(data.as_bytes().to_vec()));
+        }
+        if let Some(secret) = volume.get("secret") {
+            use base64::Engine as _;
+            let secret_name = secret["secretName"]
+                .as_str()
+                .context("a secret volume without secretName")?;
+            let key = key_of(secret);
+            let obj = self.get_json(&["-n", MESH_NAMESPACE, "get", "secret", secret_name])?;
+            let data = obj["data"][&key]
+                .as_str()
+                .with_context(|| format!("the Secret {secret_name} has no key {key} ({path})"))?;
+            let data = base64::engine::general_purpose::STANDARD
+                .decode(data)
+                .with_context(|| format!("the Secret {secret_name}'s {key}"))?;
+            return Ok(Mounted::Data(data));
+        }
+        if let Some(projected) = volume.get("projected") {
+            let token = projected["sources"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|s| s.get("serviceAccountToken"))
+                .find(|t| t["path"] == file)
+                .with_context(|| {
+                    format!("the projected volume {name} has no serviceAccountToken {file}")
+                })?;
+            let audience = token["audience"]
+                .as_str()
+                .with_context(|| format!("the token {path} has no audience"))?;
+            let expiration = token["expirationSeconds"].as_u64().unwrap_or(3600);
+            return Ok(Mounted::Token {
+                audience: audience.to_owned(),
+                expiration: Duration::from_secs(expiration),
+            });
+        }
+        bail!("volume {name} (mounted for {path}) is of a kind the harness does not mount")
     }
 
     /// Starts the node's harness kubelet and chains mesh-cni into its CNI config with the
@@ -263,9 +515,12 @@ impl KubeMesh {
         Ok(out)
     }
 
-    /// The applied ConfigMap's `mesh.yaml` with what differs on this machine: the CA files
-    /// (the Secret's, which no kubelet mounts here), the node's cgroup root and driver (the
-    /// nodes share one machine, so each has its own `--cgroup-root`) and its CNI socket.
+    /// The applied ConfigMap's `mesh.yaml` with what differs on this machine: the CA's
+    /// address (10.255.0.254, see [`super::ca`]), the files of `identity` (written into the
+    /// node's directory as the kubelet would mount them into the DaemonSet's pod: the roots
+    /// ConfigMap, the projected token made by a TokenRequest bound to the node's pod), the
+    /// node's cgroup root and driver (the nodes share one machine, so each has its own
+    /// `--cgroup-root`) and its CNI socket.
     fn mesh_config(&self, node: &str) -> Result<String> {
         let cm = self.get_json(&["-n", MESH_NAMESPACE, "get", "configmap", MESH_CONFIGMAP])?;
         let text = cm["data"]["mesh.yaml"]
@@ -273,7 +528,6 @@ impl KubeMesh {
             .context("the ConfigMap mesh-config has no mesh.yaml")?;
         let mut config: serde_yaml_ng::Value =
             serde_yaml_ng::from_str(text).context("parse mesh.yaml of the ConfigMap")?;
-        let ca = self.cluster().ca_dir();
         let n = self.cluster().node(node)?;
         let cgroup_root = n
             .cgroup()
@@ -286,16 +540,44 @@ impl KubeMesh {
             }
             at[path[path.len() - 1]] = serde_yaml_ng::Value::String(value);
         };
+        let identity = &config["identity"];
+        if identity.get("caCert").is_some() || identity.get("caKey").is_some() {
+            bail!("mesh-config gives the agents a signing key (identity.caCert/caKey)");
+        }
+        if !identity["ca"].is_mapping() {
+            bail!("mesh-config names no CA service (identity.ca)");
+        }
         set(
             &mut config,
-            &["identity", "caCert"],
-            ca.join("ca-cert.pem").display().to_string(),
+            &["identity", "ca", "address"],
+            self.ca_address(),
         );
-        set(
-            &mut config,
-            &["identity", "caKey"],
-            ca.join("ca-key.pem").display().to_string(),
-        );
+        let ds = self.get_json(&["-n", MESH_NAMESPACE, "get", "daemonset", AGENT_DAEMONSET])?;
+        let spec = &ds["spec"]["template"]["spec"];
+        let container = &spec["containers"][0];
+        let root = self.node_dir(node).join("root");
+        for key in [
+            &["identity", "ca", "roots"][..],
+            &["identity", "ca", "token"],
+            &["identity", "trustBundle"],
+        ] {
+            let mut at = &config;
+            for k in key {
+                at = &at[*k];
+            }
+            let Some(path) = at.as_str().map(str::to_owned) else {
+                continue;
+            };
+            let data = match self.mounted_file(spec, container, &path)? {
+                Mounted::Data(data) => data,
+                Mounted::Token {
+                    audience,
+                    expiration,
+                } => self.agent_token(node, &audience, expiration)?.into_bytes(),
+            };
+            let local = local_copy(&root, &path, &data)?;
+            set(&mut config, key, local.display().to_string());
+        }
         set(
             &mut config,
             &["kubelet", "cgroupRoot"],
@@ -318,24 +600,41 @@ impl KubeMesh {
     /// no limits) below the node's kubepods. The pod object is the DaemonSet controller's when
     /// it exists (its UID names the cgroup).
     fn agent_cgroup(&self, node: &str) -> Result<PathBuf> {
-        let pods = self.get_json(&[
-            "-n",
-            MESH_NAMESPACE,
-            "get",
-            "pods",
-            "-l",
-            "app.kubernetes.io/name=mesh-agent",
-            "--field-selector",
-            &format!("spec.nodeName={node}"),
-        ])?;
-        let uid = pods["items"][0]["metadata"]["uid"]
-            .as_str()
-            .map(str::to_owned)
-            .unwrap_or_else(|| format!("00000000-0000-4000-8000-{:012}", node.len()));
+        let uid = match self.agent_pod(node)? {
+            Some((_, uid)) => uid,
+            None => format!("00000000-0000-4000-8000-{:012}", node.len()),
+        };
         let driver = self.kc.cgroup_driver(node)?;
         let root = self.cluster().node(node)?.cgroup().to_owned();
         let pod = pod_cgroup(&root, driver, QosClass::Burstable, &uid);
         Ok(container_cgroup(&pod, driver, "mesh-agent"))
+    }
+
+    /// The name and UID of the DaemonSet's pod on `node`, once the DaemonSet controller made
+    /// it and the scheduler bound it (waiting a few seconds for that); `None` if it does not.
+    fn agent_pod(&self, node: &str) -> Result<Option<(String, String)>> {
+        let selector = format!("spec.nodeName={node}");
+        let deadline = std::time::Instant::now() + AGENT_POD_TIMEOUT;
+        loop {
+            let pods = self.get_json(&[
+                "-n",
+                MESH_NAMESPACE,
+                "get",
+                "pods",
+                "-l",
+                "app.kubernetes.io/name=mesh-agent",
+                "--field-selector",
+                &selector,
+            ])?;
+            let pod = &pods["items"][0]["metadata"];
+            if let (Some(name), Some(uid)) = (pod["name"].as_str(), pod["uid"].as_str()) {
+                return Ok(Some((name.to_owned(), uid.to_owned())));
+            }
+            if std::time::Instant::now() >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     fn get_json(&self, args: &[&str]) -> Result<Value> {
@@ -456,6 +755,30 @@ impl KubeMesh {
         let kubelets =
             std::mem::take(&mut *self.kubelets.lock().unwrap_or_else(|p| p.into_inner()));
         drop(kubelets);
+        self.ca.kill();
         self.cluster().teardown();
     }
+}
+
+/// Writes `data`, what a pod finds at `path`, below `root` (at `root/<path>`, private to
+/// root), and returns where.
+fn local_copy(root: &Path, path: &str, data: &[u8]) -> Result<PathBuf> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let local = root.join(path.trim_start_matches('/'));
+    if let Some(dir) = local.parent() {
+        sys::mkdir_all(dir)?;
+    }
+    let tmp = local.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("create {}", tmp.display()))?;
+    file.write_all(data)
+        .with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &local).with_context(|| format!("rename to {}", local.display()))?;
+    Ok(local)
 }

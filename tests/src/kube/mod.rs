@@ -14,6 +14,7 @@
 //! # Ok(()) }
 //! ```
 
+mod ca;
 mod control_plane;
 mod kubeconfig;
 mod mesh;
@@ -29,6 +30,10 @@ pub use control_plane::{
     SERVICE_CLUSTER_IP_RANGE, Startup,
 };
 
+pub use ca::{
+    CA_AUDIENCE, CA_DEPLOYMENT, CA_GRPC_PORT, CA_ROOTS_CONFIGMAP, CA_SECRET, CA_SERVICE_ACCOUNT,
+    KubeCa,
+};
 pub use mesh::{
     KubeMesh, MESH_NAMESPACE, POD_READY_TIMEOUT, cni_plugin_bin, deploy_dir, two_nodes,
 };

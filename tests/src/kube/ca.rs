@@ -1,0 +1,314 @@
+//! The mesh's CA service on a [`super::KubeMesh`]: `mesh-agent ca serve` run as the Deployment
+//! `mesh-ca` of deploy/ca/ runs it. There is no pod network for it here, so it runs in the
+//! control plane's network namespace (10.255.0.254 on the fabric, reached by the agents at
+//! `https://10.255.0.254:15012`) and a cgroup of its own, with:
+//!
+//! - the arguments of the applied Deployment's container (`--config` pointing at this
+//!   machine's copy of the ConfigMap's `ca.yaml`, JSON logs);
+//! - the files its pod would mount (the Secret `mesh-ca`), written into its own directory;
+//! - `serverNames` extended with 10.255.0.254, the address the agents dial here;
+//! - the API credentials of ServiceAccount `mesh-system/mesh-ca`, so the shipped RBAC is
+//!   exactly what it gets.
+//!
+//! The Deployment itself is scaled to 0, as the harness kubelets cannot run its pod. The
+//! process goes with the mesh, also on panic (and with the cluster's cgroups, whatever
+//! happens).
+
+use std::ffi::OsString;
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::Value;
+
+use crate::cluster::{agent_bin, read_log, terminate};
+use crate::pod::{run_with_timeout, tail_of};
+use crate::sys;
+
+/// The CA's Deployment, ServiceAccount and ConfigMap, as deploy/ca/ names them.
+pub const CA_DEPLOYMENT: &str = "mesh-ca";
+pub const CA_SERVICE_ACCOUNT: &str = "mesh-ca";
+pub(super) const CA_CONFIGMAP: &str = "mesh-ca-config";
+pub(super) const CA_CONFIG_KEY: &str = "ca.yaml";
+/// The Secret with the signing certificate and key (`ca.crt`, `ca.key`).
+pub const CA_SECRET: &str = "mesh-ca";
+/// The ConfigMap with the roots the agents mount (`roots.pem`), made with the Secret.
+pub const CA_ROOTS_CONFIGMAP: &str = "mesh-ca-root-cert";
+pub const CA_ROOTS_KEY: &str = "roots.pem";
+/// The audience of the agents' tokens (Istio's).
+pub const CA_AUDIENCE: &str = "istio-ca";
+/// The port of Istio's CA API, where the CA listens (`listen` of `ca.yaml`).
+pub const CA_GRPC_PORT: u16 = 15012;
+
+const CA_READY_TIMEOUT: Duration = Duration::from_secs(30);
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+/// How the CA is run, from the applied Deployment (see [`super::KubeMesh`]).
+#[derive(Debug, Clone)]
+pub(super) struct Launch {
+    /// `ca serve ...` with this machine's paths.
+    pub(super) args: Vec<OsString>,
+    pub(super) kubeconfig: PathBuf,
+    /// The readiness probe's port and path.
+    pub(super) ready_port: u16,
+    pub(super) ready_path: String,
+}
+
+/// The CA process of a [`super::KubeMesh`]; see the module documentation.
+pub struct KubeCa {
+    dir: PathBuf,
+    cgroup: PathBuf,
+    netns: PathBuf,
+    launch: Mutex<Option<Launch>>,
+    process: Mutex<Option<Child>>,
+}
+
+impl KubeCa {
+    /// Names everything; nothing runs until [`KubeCa::start`].
+    pub(super) fn new(dir: PathBuf, cgroup: PathBuf, netns: PathBuf) -> KubeCa {
+        KubeCa {
+            dir,
+            cgroup,
+            netns,
+            launch: Mutex::new(None),
+            process: Mutex::new(None),
+        }
+    }
+
+    /// Its directory: `ca.yaml`, the mounted Secret's files (`signing/`), `serve.log`.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// This machine's `ca.yaml`.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join(CA_CONFIG_KEY)
+    }
+
+    /// Where `ca serve` logs (JSON lines; every run appends).
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("serve.log")
+    }
+
+    pub(super) fn configure(&self, launch: Launch) {
+        *self.launch.lock().unwrap_or_else(|e| e.into_inner()) = Some(launch);
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Option<Child>> {
+        self.process.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts the CA and waits until its readiness probe answers 200.
+    pub fn start(&self) -> Result<()> {
+        if self.running() {
+            bail!("the CA service is running already");
+        }
+        let launch = self
+            .launch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .context("the CA service is not set up")?;
+        let log_path = self.log_path();
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("open {}", log_path.display()))?;
+        let bin = agent_bin();
+        let mut cmd = Command::new(&bin);
+        cmd.args(&launch.args)
+            .env("KUBECONFIG", &launch.kubeconfig)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        sys::mkdir_all(&self.cgroup)?;
+        sys::place(&mut cmd, &self.cgroup, &self.netns)?;
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("spawn {} ca serve", bin.display()))?;
+        let url = format!(
+            "http://127.0.0.1:{}{}",
+            launch.ready_port, launch.ready_path
+        );
+        let deadline = Instant::now() + CA_READY_TIMEOUT;
+        loop {
+            let ready = self.http_status(&url);
+            if matches!(ready, Ok(Some(200))) {
+                break;
+            }
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "the CA service exited ({status}) before it was ready; {}",
+                    tail_of(&log_path)
+                );
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "the CA service was not ready after {CA_READY_TIMEOUT:?} (last: {ready:?}); {}",
+                    tail_of(&log_path)
+                );
+            }
+            thread::sleep(POLL_INTERVAL);
+        }
+        *self.lock() = Some(child);
+        Ok(())
+    }
+
+    /// Stops the CA: SIGTERM, then waits (up to 10 s, then SIGKILL and an error).
+    pub fn stop(&self) -> Result<ExitStatus> {
+        let mut child = self
+            .lock()
+            .take()
+            .ok_or_else(|| anyhow!("the CA service is not running"))?;
+        match terminate(&mut child, Duration::from_secs(10))? {
+            (status, false) => Ok(status),
+            (status, true) => bail!(
+                "the CA service ignored SIGTERM for 10 s; killed ({status}); {}",
+                tail_of(&self.log_path())
+            ),
+        }
+    }
+
+    pub fn running(&self) -> bool {
+        match self.lock().as_mut() {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// Kills the process at once (teardown); idempotent.
+    pub(super) fn kill(&self) {
+        if let Some(mut child) = self.lock().take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Every JSON line `ca serve` has logged (all runs), fields flattened.
+    pub fn logs(&self) -> Result<Vec<Value>> {
+        read_log(&self.log_path(), 0)
+    }
+
+    /// The last lines of its log, for messages.
+    pub fn log_tail(&self) -> String {
+        tail_of(&self.log_path())
+    }
+
+    /// Polls the log until a line satisfies `pred`.
+    pub fn wait_for_log(&self, pred: impl Fn(&Value) -> bool, timeout: Duration) -> Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.logs()?.into_iter().find(|l| pred(l)) {
+                return Ok(line);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "the CA service logged no matching line within {timeout:?}; {}",
+                    self.log_tail()
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The HTTP status of `GET url` from the CA's netns; `None` while nothing answers.
+    fn http_status(&self, url: &str) -> Result<Option<u16>> {
+        let mut cmd = Command::new("curl");
+        cmd.args([
+            "-sS",
+            "--max-time",
+            "3",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .arg(url)
+        .stdin(Stdio::null());
+        sys::place(&mut cmd, &self.cgroup, &self.netns)?;
+        let out = run_with_timeout(&mut cmd, Duration::from_secs(8))
+            .with_context(|| format!("curl {url}"))?;
+        match out.code() {
+            Some(0) => Ok(out.stdout_str().trim().parse().ok()),
+            // Couldn't connect, timed out, empty reply, connection reset.
+            Some(7 | 28 | 52 | 56) => Ok(None),
+            _ => bail!(
+                "curl {url} exited {}: {}",
+                out.status,
+                out.stderr_str().trim()
+            ),
+        }
+    }
+}
+
+impl Drop for KubeCa {
+    fn drop(&mut self) {
+        if thread::panicking() && self.log_path().exists() {
+            eprintln!("--- CA service log ---\n{}", self.log_tail());
+        }
+        self.kill();
+    }
+}
+
+/// The container's arguments for `mesh-agent` as the harness runs it: `--config` this
+/// machine's `ca.yaml`, JSON logs whatever the Deployment says.
+pub(super) fn ca_args(container: &Value, config: &Path) -> Result<Vec<OsString>> {
+    let args = container["args"]
+        .as_array()
+        .context("the CA's container has no args")?;
+    let mut words = args.iter().filter_map(Value::as_str);
+    match (words.next(), words.next()) {
+        (Some("ca"), Some("serve")) => {}
+        other => bail!("the Deployment mesh-ca runs `mesh-agent {other:?}`, not `ca serve`"),
+    }
+    let mut out: Vec<OsString> = ["--log-format", "json", "ca", "serve"]
+        .into_iter()
+        .map(OsString::from)
+        .collect();
+    let mut configured = false;
+    while let Some(word) = words.next() {
+        match word {
+            "--config" => {
+                words.next();
+                out.extend(["--config".into(), config.into()]);
+                configured = true;
+            }
+            "--log-format" => {
+                words.next();
+            }
+            other => out.push(other.into()),
+        }
+    }
+    if !configured {
+        bail!("the Deployment mesh-ca runs `ca serve` without --config");
+    }
+    Ok(out)
+}
+
+/// The readiness probe's (port, path), a named port resolved against the container's ports.
+pub(super) fn readiness(container: &Value) -> Result<(u16, String)> {
+    let probe = &container["readinessProbe"]["httpGet"];
+    let path = probe["path"]
+        .as_str()
+        .context("the CA's container has no httpGet readiness probe")?;
+    let port = match &probe["port"] {
+        Value::Number(n) => n.as_u64(),
+        Value::String(name) => container["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["name"] == name.as_str())
+            .and_then(|p| p["containerPort"].as_u64()),
+        _ => None,
+    }
+    .and_then(|p| u16::try_from(p).ok())
+    .context("the CA's readiness probe names no port of its container")?;
+    Ok((port, path.to_owned()))
+}
