@@ -46,7 +46,7 @@ pub const NODE_CERT_FILE: &str = "node-cert.pem";
 pub const NODE_KEY_FILE: &str = "node-key.pem";
 pub const NODE_ROOTS_FILE: &str = "ca-roots.pem";
 
-const CA_READY_TIMEOUT: Duration = Duration::from_secs(20);
+const CA_READY_TIMEOUT: Duration = Duration::from_secs(30);
 const CLI_TIMEOUT: Duration = Duration::from_secs(20);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
@@ -191,46 +191,16 @@ impl CaService {
         let mut child = cmd
             .spawn()
             .with_context(|| format!("spawn {} ca serve", bin.display()))?;
-        let deadline = Instant::now() + CA_READY_TIMEOUT;
-        loop {
-            // Not ready yet, or an error: either way keep polling until the deadline.
-            let ready = self.http_get("/healthz/ready");
-            if matches!(ready, Ok(Some((200, _)))) {
-                break;
-            }
-            if let Some(status) = child.try_wait()? {
-                bail!(
-                    "the CA service exited ({status}) before it was ready; {}",
-                    tail_of(&log_path)
-                );
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!(
-                    "the CA service was not ready after {CA_READY_TIMEOUT:?} (last: {ready:?}); {}",
-                    tail_of(&log_path)
-                );
-            }
-            thread::sleep(POLL_INTERVAL);
-        }
+        wait_until_ready(&mut child, &log_path, || {
+            Ok(self.http_get("/healthz/ready")?.map(|(status, _)| status))
+        })?;
         *self.lock() = Some(child);
         Ok(())
     }
 
     /// Stops the CA service: SIGTERM, then waits (up to 10 s, then SIGKILL and an error).
     pub fn stop(&self) -> Result<ExitStatus> {
-        let mut child = self
-            .lock()
-            .take()
-            .ok_or_else(|| anyhow!("the CA service is not running"))?;
-        match terminate(&mut child, Duration::from_secs(10))? {
-            (status, false) => Ok(status),
-            (status, true) => bail!(
-                "the CA service ignored SIGTERM for 10 s; killed ({status}); {}",
-                tail_of(&self.log_path())
-            ),
-        }
+        stop_process(self.lock().take(), &self.log_path())
     }
 
     /// Whether `ca serve` is running.
@@ -515,4 +485,49 @@ async fn create_certificate(
         .create_certificate(request)
         .await
         .map(|response| response.into_inner().cert_chain))
+}
+
+/// Waits until a just started `ca serve` answers its readiness probe with 200 (`probe` gives
+/// the status, if any): an error with its log's tail if it exits first or is not ready within
+/// [`CA_READY_TIMEOUT`] (then it is killed). The file-mode and Kubernetes CA hosts share it.
+pub(crate) fn wait_until_ready(
+    child: &mut Child,
+    log_path: &Path,
+    mut probe: impl FnMut() -> Result<Option<u16>>,
+) -> Result<()> {
+    let deadline = Instant::now() + CA_READY_TIMEOUT;
+    loop {
+        // Not ready yet, or an error: either way keep polling until the deadline.
+        let ready = probe();
+        if matches!(ready, Ok(Some(200))) {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "the CA service exited ({status}) before it was ready; {}",
+                tail_of(log_path)
+            );
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "the CA service was not ready after {CA_READY_TIMEOUT:?} (last: {ready:?}); {}",
+                tail_of(log_path)
+            );
+        }
+        thread::sleep(POLL_INTERVAL);
+    }
+}
+
+/// Stops `ca serve`: SIGTERM, then waits (up to 10 s, then SIGKILL and an error).
+pub(crate) fn stop_process(child: Option<Child>, log_path: &Path) -> Result<ExitStatus> {
+    let mut child = child.ok_or_else(|| anyhow!("the CA service is not running"))?;
+    match terminate(&mut child, Duration::from_secs(10))? {
+        (status, false) => Ok(status),
+        (status, true) => bail!(
+            "the CA service ignored SIGTERM for 10 s; killed ({status}); {}",
+            tail_of(log_path)
+        ),
+    }
 }

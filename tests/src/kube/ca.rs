@@ -22,10 +22,11 @@ use std::sync::{Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use crate::cluster::{agent_bin, read_log, terminate};
+use crate::ca_service::{stop_process, wait_until_ready};
+use crate::cluster::{agent_bin, read_log};
 use crate::pod::{run_with_timeout, tail_of};
 use crate::sys;
 
@@ -43,9 +44,6 @@ pub const CA_ROOTS_KEY: &str = "roots.pem";
 pub const CA_AUDIENCE: &str = "istio-ca";
 /// The port of Istio's CA API, where the CA listens (`listen` of `ca.yaml`).
 pub const CA_GRPC_PORT: u16 = 15012;
-
-const CA_READY_TIMEOUT: Duration = Duration::from_secs(30);
-const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 /// How the CA is run, from the applied Deployment (see [`super::KubeMesh`]).
 #[derive(Debug, Clone)]
@@ -135,45 +133,14 @@ impl KubeCa {
             "http://127.0.0.1:{}{}",
             launch.ready_port, launch.ready_path
         );
-        let deadline = Instant::now() + CA_READY_TIMEOUT;
-        loop {
-            let ready = self.http_status(&url);
-            if matches!(ready, Ok(Some(200))) {
-                break;
-            }
-            if let Some(status) = child.try_wait()? {
-                bail!(
-                    "the CA service exited ({status}) before it was ready; {}",
-                    tail_of(&log_path)
-                );
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!(
-                    "the CA service was not ready after {CA_READY_TIMEOUT:?} (last: {ready:?}); {}",
-                    tail_of(&log_path)
-                );
-            }
-            thread::sleep(POLL_INTERVAL);
-        }
+        wait_until_ready(&mut child, &log_path, || self.http_status(&url))?;
         *self.lock() = Some(child);
         Ok(())
     }
 
     /// Stops the CA: SIGTERM, then waits (up to 10 s, then SIGKILL and an error).
     pub fn stop(&self) -> Result<ExitStatus> {
-        let mut child = self
-            .lock()
-            .take()
-            .ok_or_else(|| anyhow!("the CA service is not running"))?;
-        match terminate(&mut child, Duration::from_secs(10))? {
-            (status, false) => Ok(status),
-            (status, true) => bail!(
-                "the CA service ignored SIGTERM for 10 s; killed ({status}); {}",
-                tail_of(&self.log_path())
-            ),
-        }
+        stop_process(self.lock().take(), &self.log_path())
     }
 
     pub fn running(&self) -> bool {
