@@ -64,6 +64,10 @@ enum Command {
         /// node-key.pem, made by `mesh-agent ca add-node` (not needed with a token).
         #[arg(long, env = "MESH_CA_CREDENTIAL")]
         ca_credential: Option<PathBuf>,
+        /// The CA service's `https://host:port`, instead of identity.ca.address of the
+        /// configuration (deploy/istiod points the agents at istiod with it).
+        #[arg(long, env = "MESH_CA_ADDRESS")]
+        ca_address: Option<String>,
     },
     /// Manage the mesh's certificate authority.
     #[command(subcommand)]
@@ -147,6 +151,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
             readiness_addr,
             worker_threads,
             ca_credential,
+            ca_address,
         } => runtime(worker_threads)?.block_on(agent::run(agent::Config {
             admin: AdminConfig {
                 admin: admin_addr,
@@ -162,6 +167,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
             bpf_pin_dir,
             drain_timeout: Duration::from_secs(drain_timeout_secs),
             ca_credential,
+            ca_address,
         })),
         Command::Ca(CaCommand::Serve {
             config,

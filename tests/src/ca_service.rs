@@ -69,6 +69,43 @@ impl CaAnswer {
             CaAnswer::Refused { code, .. } => Some(*code),
         }
     }
+
+    /// The subject alternative names of the issued leaf as `openssl x509` prints them
+    /// (`URI:spiffe://...`); an error for a refusal.
+    pub fn leaf_sans(&self) -> Result<Vec<String>> {
+        use std::io::Write as _;
+        let CaAnswer::Issued { chain, .. } = self else {
+            bail!("nothing was issued: {self:?}");
+        };
+        let leaf = chain.first().context("an empty chain")?;
+        let mut child = Command::new("openssl")
+            .args(["x509", "-noout", "-ext", "subjectAltName"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("run openssl x509")?;
+        child
+            .stdin
+            .take()
+            .context("openssl's stdin")?
+            .write_all(leaf.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "openssl x509 failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .skip(1)
+            .flat_map(|l| l.split(','))
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect())
+    }
 }
 
 /// A central CA service; see the module documentation.
@@ -359,7 +396,7 @@ impl CaService {
         identity: &str,
     ) -> Result<CaAnswer> {
         let caller = credential.map_or(CaCaller::Anonymous, CaCaller::NodeCredential);
-        request_certificate_at(netns, &self.address(), roots, caller, identity)
+        request_certificate_at(netns, &self.address(), roots, None, caller, identity)
     }
 }
 
@@ -377,13 +414,15 @@ pub enum CaCaller<'a> {
 
 /// One `CreateCertificate` to the CA service at `address` (`https://ip:port`) as an agent
 /// makes it, from inside the network namespace at `netns`: a fresh P-256 key, a CSR whose
-/// only SAN is `identity`, metadata `ImpersonatedIdentity: identity`, over TLS verified against
-/// `roots`, authenticated as `caller` says. Fails only when no answer came (no connection, a
+/// only SAN is `identity`, metadata `ImpersonatedIdentity: identity` and `clusterid:
+/// Kubernetes`, over TLS verified against `roots` (for `server_name`, if not the address),
+/// authenticated as `caller` says. Fails only when no answer came (no connection, a
 /// TLS failure, a timeout).
 pub fn request_certificate_at(
     netns: &Path,
     address: &str,
     roots: &Path,
+    server_name: Option<&str>,
     caller: CaCaller<'_>,
     identity: &str,
 ) -> Result<CaAnswer> {
@@ -405,6 +444,7 @@ pub fn request_certificate_at(
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let csr = workload_csr(identity, &key)?;
     let url = address.to_owned();
+    let server_name = server_name.map(str::to_owned);
     let identity = identity.to_owned();
     let answer = sys::in_netns(netns, move || -> Result<_> {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -414,6 +454,7 @@ pub fn request_certificate_at(
         runtime.block_on(create_certificate(
             url,
             roots,
+            server_name,
             client_identity,
             token,
             csr,
@@ -446,6 +487,7 @@ fn workload_csr(identity: &str, key: &rcgen::KeyPair) -> Result<String> {
 async fn create_certificate(
     url: String,
     roots: Vec<u8>,
+    server_name: Option<String>,
     client_identity: Option<(Vec<u8>, Vec<u8>)>,
     token: Option<String>,
     csr: String,
@@ -454,10 +496,13 @@ async fn create_certificate(
     use mesh_ca_api::{
         IMPERSONATED_IDENTITY, IstioCertificateRequest, IstioCertificateServiceClient,
     };
-    use tonic::metadata::{MetadataKey, MetadataValue};
+    use tonic::metadata::MetadataValue;
     use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
     let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(roots));
+    if let Some(name) = server_name {
+        tls = tls.domain_name(name);
+    }
     if let Some((cert, key)) = client_identity {
         tls = tls.identity(Identity::from_pem(cert, key));
     }
@@ -469,14 +514,26 @@ async fn create_certificate(
         .await
         .with_context(|| format!("connect to {url}"))?;
     let mut client = IstioCertificateServiceClient::new(channel);
+    // As ztunnel and the agent name it: in the request's metadata struct (istiod reads
+    // nothing else, and without it signs the caller's own identity).
+    let impersonating = prost_types::Struct {
+        fields: [(
+            IMPERSONATED_IDENTITY.to_owned(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::StringValue(identity)),
+            },
+        )]
+        .into(),
+    };
     let mut request = tonic::Request::new(IstioCertificateRequest {
         csr,
         validity_duration: 3600,
-        metadata: None,
+        metadata: Some(impersonating),
     });
-    let key = MetadataKey::from_bytes(IMPERSONATED_IDENTITY.as_bytes())?;
-    let value: MetadataValue<_> = identity.parse()?;
-    request.metadata_mut().insert(key, value);
+    // istiod lets a node agent impersonate only when it names its cluster.
+    request
+        .metadata_mut()
+        .insert("clusterid", MetadataValue::from_static("Kubernetes"));
     if let Some(token) = token {
         let bearer: MetadataValue<_> = format!("Bearer {token}").parse()?;
         request.metadata_mut().insert("authorization", bearer);

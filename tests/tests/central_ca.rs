@@ -459,21 +459,7 @@ fn check_issued(cluster: &Cluster, answer: &CaAnswer, id: &str) -> Result<()> {
         bail!("asking for {id}: {answer:?}");
     };
     ensure!(chain.len() >= 2, "a chain of {} certificates", chain.len());
-    let leaf = cluster.workdir().join(format!("leaf-{}.pem", chain.len()));
-    fs::write(&leaf, &chain[0])?;
-    let out = std::process::Command::new("openssl")
-        .args(["x509", "-noout", "-ext", "subjectAltName", "-in"])
-        .arg(&leaf)
-        .output()?;
-    ensure!(out.status.success(), "openssl x509 failed");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let sans: Vec<&str> = text
-        .lines()
-        .skip(1)
-        .flat_map(|l| l.split(','))
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .collect();
+    let sans = answer.leaf_sans()?;
     ensure!(
         sans == [format!("URI:{id}")],
         "the leaf for {id} has SANs {sans:?}"

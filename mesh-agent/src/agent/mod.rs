@@ -60,6 +60,9 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// The node credential (`mesh-agent ca add-node`) the agent shows the CA service.
     pub ca_credential: Option<PathBuf>,
+    /// Overrides `identity.ca.address` of the configuration (pointing the agents at istiod
+    /// without editing mesh-config).
+    pub ca_address: Option<String>,
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -85,6 +88,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (identities, bundle) = start_identities(
         &state.cluster,
         config.ca_credential.as_deref(),
+        config.ca_address.as_deref(),
         &metrics,
         &shutdown,
     )?;
@@ -430,19 +434,29 @@ fn start_policy(
 fn start_identities(
     cluster: &Cluster,
     ca_credential: Option<&Path>,
+    ca_address: Option<&str>,
     metrics: &Metrics,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<(IdentityStore, SharedBundle)> {
     let identity = &cluster.identity;
     let signer = identity.signer().map_err(|err| anyhow::anyhow!(err))?;
     let (issuer, bundle): (Arc<dyn CertificateIssuer>, Result<_, Arc<_>>) = match signer {
-        Signer::Service(ca) => {
-            let client = RemoteCa::new(ca, ca_credential).context("setting up the CA client")?;
+        Signer::Service(configured) => {
+            let mut ca = configured.clone();
+            if let Some(address) = ca_address {
+                ca.address = address.to_owned();
+            }
+            let client = RemoteCa::new(&ca, ca_credential).context("setting up the CA client")?;
             info!(ca = %ca.address, "workload certificates come from the CA service");
-            let file = identity.trust_bundle.as_ref().unwrap_or(&ca.roots);
-            (Arc::new(client), Ok(file.clone()))
+            let file = identity.trust_bundle.clone().unwrap_or(ca.roots);
+            (Arc::new(client), Ok(file))
         }
         Signer::Local { cert, key } => {
+            if ca_address.is_some() {
+                anyhow::bail!(
+                    "--ca-address names a CA service, but identity has caCert/caKey and no ca"
+                );
+            }
             let ca =
                 Arc::new(CertificateAuthority::load(cert, key).context("loading the mesh CA")?);
             warn!(

@@ -1,7 +1,8 @@
-//! The mesh's CA service on a [`super::KubeMesh`]: `mesh-agent ca serve` run as the Deployment
-//! `mesh-ca` of deploy/ca/ runs it. There is no pod network for it here, so it runs in the
-//! control plane's network namespace (10.255.0.254 on the fabric, reached by the agents at
-//! `https://10.255.0.254:15012`) and a cgroup of its own, with:
+//! The CA of a [`super::KubeMesh`]: the mesh's own, `mesh-agent ca serve` run as the Deployment
+//! `mesh-ca` of deploy/ca/ runs it, or istiod ([`super::istiod`]). There is no pod network for
+//! it here, so it runs in the control plane's network namespace (10.255.0.254 on the fabric,
+//! reached by the agents at `https://10.255.0.254:15012`) and a cgroup of its own. The mesh's
+//! CA runs with:
 //!
 //! - the arguments of the applied Deployment's container (`--config` pointing at this
 //!   machine's copy of the ConfigMap's `ca.yaml`, JSON logs);
@@ -26,7 +27,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
 use crate::ca_service::{stop_process, wait_until_ready};
-use crate::cluster::{agent_bin, read_log};
+use crate::cluster::read_log;
 use crate::pod::{run_with_timeout, tail_of};
 use crate::sys;
 
@@ -45,12 +46,14 @@ pub const CA_AUDIENCE: &str = "istio-ca";
 /// The port of Istio's CA API, where the CA listens (`listen` of `ca.yaml`).
 pub const CA_GRPC_PORT: u16 = 15012;
 
-/// How the CA is run, from the applied Deployment (see [`super::KubeMesh`]).
+/// How the CA is run: for the mesh's, from the applied Deployment (see [`super::KubeMesh`]).
 #[derive(Debug, Clone)]
 pub(super) struct Launch {
-    /// `ca serve ...` with this machine's paths.
+    pub(super) program: PathBuf,
+    /// With this machine's paths (`ca serve --config ...`).
     pub(super) args: Vec<OsString>,
-    pub(super) kubeconfig: PathBuf,
+    /// Its whole environment, nothing inherited.
+    pub(super) env: Vec<(OsString, OsString)>,
     /// The readiness probe's port and path.
     pub(super) ready_port: u16,
     pub(super) ready_path: String,
@@ -77,7 +80,8 @@ impl KubeCa {
         }
     }
 
-    /// Its directory: `ca.yaml`, the mounted Secret's files (`signing/`), `serve.log`.
+    /// Its directory and working directory: `serve.log`; for the mesh's CA `ca.yaml` and the
+    /// mounted Secret's files (`root/`).
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -87,7 +91,7 @@ impl KubeCa {
         self.dir.join(CA_CONFIG_KEY)
     }
 
-    /// Where `ca serve` logs (JSON lines; every run appends).
+    /// Where the CA logs (JSON lines; every run appends).
     pub fn log_path(&self) -> PathBuf {
         self.dir.join("serve.log")
     }
@@ -111,16 +115,18 @@ impl KubeCa {
             .unwrap_or_else(|e| e.into_inner())
             .clone()
             .context("the CA service is not set up")?;
+        sys::mkdir_all(&self.dir)?;
         let log_path = self.log_path();
         let log = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log_path)
             .with_context(|| format!("open {}", log_path.display()))?;
-        let bin = agent_bin();
-        let mut cmd = Command::new(&bin);
+        let mut cmd = Command::new(&launch.program);
         cmd.args(&launch.args)
-            .env("KUBECONFIG", &launch.kubeconfig)
+            .env_clear()
+            .envs(launch.env.iter().map(|(k, v)| (k, v)))
+            .current_dir(&self.dir)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -128,7 +134,7 @@ impl KubeCa {
         sys::place(&mut cmd, &self.cgroup, &self.netns)?;
         let mut child = cmd
             .spawn()
-            .with_context(|| format!("spawn {} ca serve", bin.display()))?;
+            .with_context(|| format!("spawn {}", launch.program.display()))?;
         let url = format!(
             "http://127.0.0.1:{}{}",
             launch.ready_port, launch.ready_path
@@ -158,7 +164,7 @@ impl KubeCa {
         }
     }
 
-    /// Every JSON line `ca serve` has logged (all runs), fields flattened.
+    /// Every JSON line the CA has logged (all runs), fields flattened.
     pub fn logs(&self) -> Result<Vec<Value>> {
         read_log(&self.log_path(), 0)
     }
@@ -177,7 +183,7 @@ impl KubeCa {
             }
             if Instant::now() >= deadline {
                 bail!(
-                    "the CA service logged no matching line within {timeout:?}; {}",
+                    "the CA logged no matching line within {timeout:?}; {}",
                     self.log_tail()
                 );
             }
@@ -218,7 +224,7 @@ impl KubeCa {
 impl Drop for KubeCa {
     fn drop(&mut self) {
         if thread::panicking() && self.log_path().exists() {
-            eprintln!("--- CA service log ---\n{}", self.log_tail());
+            eprintln!("--- CA log ---\n{}", self.log_tail());
         }
         self.kill();
     }

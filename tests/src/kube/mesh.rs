@@ -8,6 +8,9 @@
 //! gets), and its process in a pod cgroup below the node's kubepods, where the DaemonSet's pod
 //! would be. No agent gets the signing key.
 //!
+//! With [`CaKind::Istiod`] it is installed as deploy/istiod/ says instead: the agents take
+//! their certificates from a real istiod ([`super::istiod`]) and there is no mesh CA at all.
+//!
 //! The harness kubelets (`mesh-kubelet`) play the kubelet and the runtime for every other pod.
 
 use std::collections::BTreeMap;
@@ -22,6 +25,9 @@ use serde_json::Value;
 use super::ca::{
     self, CA_AUDIENCE, CA_CONFIG_KEY, CA_CONFIGMAP, CA_DEPLOYMENT, CA_GRPC_PORT,
     CA_ROOTS_CONFIGMAP, CA_ROOTS_KEY, CA_SECRET, KubeCa, Launch,
+};
+use super::istiod::{
+    self, ISTIO_NAMESPACE, ISTIO_ROOTS_CONFIGMAP, ISTIO_ROOTS_KEY, ISTIOD_SERVER_NAME,
 };
 use super::{API_SERVER_IPV4, CgroupDriver, KubeCluster};
 use crate::ca_service::{CaAnswer, CaCaller, request_certificate_at};
@@ -62,11 +68,25 @@ pub fn cni_plugin_bin() -> Result<PathBuf> {
     Ok(bin)
 }
 
+/// Which CA signs the workload certificates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaKind {
+    /// The mesh's CA service (deploy/ and its deploy/ca/).
+    Mesh,
+    /// istiod (deploy/istiod/ in place of deploy/agent/ and deploy/ca/).
+    Istiod,
+}
+
+/// The env var of the agent's container that overrides `identity.ca.address`
+/// (`mesh-agent run --ca-address`).
+const CA_ADDRESS_ENV: &str = "MESH_CA_ADDRESS";
+
 /// A [`KubeCluster`] with the mesh installed, a harness kubelet per node, and the agents.
 pub struct KubeMesh {
     // Fields drop in order: kubelets (they stop their pods), then the CA, before the cluster.
     kubelets: Mutex<BTreeMap<String, KubeletProcess>>,
     ca: KubeCa,
+    ca_kind: CaKind,
     kc: KubeCluster,
 }
 
@@ -118,32 +138,51 @@ impl KubeMesh {
     /// The control plane, the mesh installed from deploy/, a kubelet per node with mesh-cni
     /// chained, and the agents started (ready).
     pub fn start(nodes: &[(&str, CgroupDriver)]) -> Result<Self> {
-        let mesh = Self::without_agents(nodes)?;
+        Self::start_with(nodes, CaKind::Mesh)
+    }
+
+    /// Like [`KubeMesh::start`], with the certificates from `ca`.
+    pub fn start_with(nodes: &[(&str, CgroupDriver)], ca: CaKind) -> Result<Self> {
+        let mesh = Self::without_agents_with(nodes, ca)?;
         mesh.start_agents()?;
         Ok(mesh)
     }
 
     /// Like [`KubeMesh::start`], but no agent runs yet.
     pub fn without_agents(nodes: &[(&str, CgroupDriver)]) -> Result<Self> {
+        Self::without_agents_with(nodes, CaKind::Mesh)
+    }
+
+    fn without_agents_with(nodes: &[(&str, CgroupDriver)], ca_kind: CaKind) -> Result<Self> {
         let kc = nodes
             .iter()
             .fold(KubeCluster::builder(), |b, (name, driver)| {
                 b.node(name, *driver)
             })
             .build()?;
+        let name = match ca_kind {
+            CaKind::Mesh => "mesh-ca",
+            CaKind::Istiod => "istiod",
+        };
         let ca = KubeCa::new(
-            kc.cluster().workdir().join("mesh-ca"),
-            kc.cluster().cgroup_dir().join("mesh-ca"),
+            kc.cluster().workdir().join(name),
+            kc.cluster().cgroup_dir().join(name),
             kc.control_plane().netns_path(),
         );
         let mesh = Self {
             kubelets: Mutex::new(BTreeMap::new()),
             ca,
+            ca_kind,
             kc,
         };
-        mesh.install()?;
-        mesh.set_up_ca().context("set up the CA service")?;
-        mesh.ca.start().context("start the CA service")?;
+        match ca_kind {
+            CaKind::Mesh => {
+                mesh.install()?;
+                mesh.set_up_ca().context("set up the CA service")?;
+                mesh.ca.start().context("start the CA service")?;
+            }
+            CaKind::Istiod => mesh.install_with_istiod()?,
+        }
         for (node, _) in nodes {
             mesh.start_kubelet(node)?;
         }
@@ -211,6 +250,55 @@ impl KubeMesh {
         Ok(())
     }
 
+    /// deploy/crds/ (the API server here has no Istio CRDs) and deploy/istiod/, applied as
+    /// deploy/istiod/ says, after istiod runs and has published its root to mesh-system.
+    fn install_with_istiod(&self) -> Result<()> {
+        let deploy = deploy_dir();
+        self.kubectl(["create", "namespace", ISTIO_NAMESPACE])?;
+        for dir in ["crds", "istiod"] {
+            self.kubectl([
+                OsStr::new("apply"),
+                OsStr::new("--server-side"),
+                OsStr::new("-k"),
+                deploy.join(dir).as_os_str(),
+            ])?;
+        }
+        let trust_domain = self.mesh_settings()?["trustDomain"]
+            .as_str()
+            .unwrap_or("cluster.local")
+            .to_owned();
+        let admin = self.kc.control_plane().admin_kubeconfig().to_owned();
+        self.ca
+            .configure(istiod::launch(self.ca.dir(), &admin, &trust_domain)?);
+        self.ca.start().context("start istiod")?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let root = loop {
+            let out = self.kc.control_plane().kubectl_output([
+                "-n",
+                MESH_NAMESPACE,
+                "get",
+                "configmap",
+                ISTIO_ROOTS_CONFIGMAP,
+                "-o",
+                "json",
+            ])?;
+            if out.success() {
+                let cm: Value = serde_json::from_slice(&out.stdout).context("parse ConfigMap")?;
+                if let Some(root) = cm["data"][ISTIO_ROOTS_KEY].as_str() {
+                    break root.to_owned();
+                }
+            }
+            if std::time::Instant::now() >= deadline {
+                bail!(
+                    "istiod published no {ISTIO_ROOTS_CONFIGMAP} in {MESH_NAMESPACE}; {}",
+                    self.ca.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        sys::write_atomic(&self.ca_roots_path(), root.as_bytes())
+    }
+
     /// Reads how the Deployment runs the CA (see [`super::ca`]), writes this machine's
     /// `ca.yaml` and the files its pod mounts, and scales the Deployment to 0 (the harness
     /// kubelets cannot run it; this process plays its pod).
@@ -260,15 +348,19 @@ impl KubeMesh {
             .control_plane()
             .service_account_kubeconfig(MESH_NAMESPACE, service_account)?;
         self.ca.configure(Launch {
+            program: crate::agent_bin(),
             args: ca::ca_args(container, &config_path)?,
-            kubeconfig,
+            env: vec![
+                ("KUBECONFIG".into(), kubeconfig.into_os_string()),
+                ("PATH".into(), "/usr/bin:/bin".into()),
+            ],
             ready_port,
             ready_path,
         });
         Ok(())
     }
 
-    /// The CA service ([`super::ca`]): its logs, its files.
+    /// The CA ([`super::ca`], or istiod): its logs, its files.
     pub fn ca(&self) -> &KubeCa {
         &self.ca
     }
@@ -288,9 +380,22 @@ impl KubeMesh {
         format!("https://{API_SERVER_IPV4}:{CA_GRPC_PORT}")
     }
 
-    /// The roots the CA's serving certificate chains to (the mesh's root).
+    /// The roots the CA's serving certificate chains to: the mesh's root, or istiod's (as it
+    /// published it).
     pub fn ca_roots_path(&self) -> PathBuf {
-        self.cluster().ca_dir().join("ca-cert.pem")
+        match self.ca_kind {
+            CaKind::Mesh => self.cluster().ca_dir().join("ca-cert.pem"),
+            CaKind::Istiod => self.ca.dir().join("roots.pem"),
+        }
+    }
+
+    /// The name the CA's serving certificate is checked against when dialled at
+    /// [`KubeMesh::ca_address`] (the mesh's CA has the address on it).
+    fn ca_server_name(&self) -> Option<&'static str> {
+        match self.ca_kind {
+            CaKind::Mesh => None,
+            CaKind::Istiod => Some(ISTIOD_SERVER_NAME),
+        }
     }
 
     /// A fresh token for the CA as the node's agent has it: ServiceAccount
@@ -329,6 +434,7 @@ impl KubeMesh {
             &netns,
             &self.ca_address(),
             &self.ca_roots_path(),
+            self.ca_server_name(),
             caller,
             identity,
         )
@@ -448,6 +554,12 @@ impl KubeMesh {
         self.node_dir(node).join("cni.sock")
     }
 
+    /// This machine's copy of what the node's agent container finds at `path` (a file its
+    /// pod mounts, as [`KubeMesh::start_agent`] wrote it).
+    pub fn agent_file(&self, node: &str, path: &str) -> PathBuf {
+        below(&self.node_dir(node).join("root"), path)
+    }
+
     fn node_dir(&self, node: &str) -> PathBuf {
         self.cluster().workdir().join(format!("{node}-mesh"))
     }
@@ -474,12 +586,18 @@ impl KubeMesh {
             .service_account_kubeconfig(MESH_NAMESPACE, AGENT_SERVICE_ACCOUNT)?;
         let cgroup = self.agent_cgroup(node)?;
         sys::mkdir_all(&cgroup)?;
-        self.cluster().spawn_agent_with_env(
-            node,
-            args,
-            &cgroup,
-            vec![("KUBECONFIG".to_owned(), kubeconfig.into_os_string())],
-        )
+        let mut env = vec![("KUBECONFIG".to_owned(), kubeconfig.into_os_string())];
+        if ca_address_env(&self.agent_container()?).is_some() {
+            env.push((CA_ADDRESS_ENV.to_owned(), self.ca_address().into()));
+        }
+        self.cluster()
+            .spawn_agent_with_env(node, args, &cgroup, env)
+    }
+
+    /// The agent container of the applied DaemonSet.
+    fn agent_container(&self) -> Result<Value> {
+        let ds = self.get_json(&["-n", MESH_NAMESPACE, "get", "daemonset", AGENT_DAEMONSET])?;
+        Ok(ds["spec"]["template"]["spec"]["containers"][0].clone())
     }
 
     pub fn stop_agent(&self, node: &str) -> Result<std::process::ExitStatus> {
@@ -490,8 +608,8 @@ impl KubeMesh {
     /// with the node's own mesh settings file, and without the log format and pin dir the
     /// harness sets itself.
     fn daemonset_args(&self, node: &str, mesh_config: &Path) -> Result<Vec<OsString>> {
-        let ds = self.get_json(&["-n", MESH_NAMESPACE, "get", "daemonset", AGENT_DAEMONSET])?;
-        let args = ds["spec"]["template"]["spec"]["containers"][0]["args"]
+        let container = self.agent_container()?;
+        let args = container["args"]
             .as_array()
             .context("the DaemonSet's agent container has no args")?;
         let mut out: Vec<OsString> = Vec::new();
@@ -516,18 +634,15 @@ impl KubeMesh {
     }
 
     /// The applied ConfigMap's `mesh.yaml` with what differs on this machine: the CA's
-    /// address (10.255.0.254, see [`super::ca`]), the files of `identity` (written into the
+    /// address (10.255.0.254, see [`super::ca`]; given to the agent as `MESH_CA_ADDRESS`
+    /// instead when the container sets that), the name to check on the CA's certificate (the
+    /// host of the address the operator gave), the files of `identity` (written into the
     /// node's directory as the kubelet would mount them into the DaemonSet's pod: the roots
     /// ConfigMap, the projected token made by a TokenRequest bound to the node's pod), the
     /// node's cgroup root and driver (the nodes share one machine, so each has its own
     /// `--cgroup-root`) and its CNI socket.
     fn mesh_config(&self, node: &str) -> Result<String> {
-        let cm = self.get_json(&["-n", MESH_NAMESPACE, "get", "configmap", MESH_CONFIGMAP])?;
-        let text = cm["data"]["mesh.yaml"]
-            .as_str()
-            .context("the ConfigMap mesh-config has no mesh.yaml")?;
-        let mut config: serde_yaml_ng::Value =
-            serde_yaml_ng::from_str(text).context("parse mesh.yaml of the ConfigMap")?;
+        let mut config = self.mesh_settings()?;
         let n = self.cluster().node(node)?;
         let cgroup_root = n
             .cgroup()
@@ -547,14 +662,30 @@ impl KubeMesh {
         if !identity["ca"].is_mapping() {
             bail!("mesh-config names no CA service (identity.ca)");
         }
-        set(
-            &mut config,
-            &["identity", "ca", "address"],
-            self.ca_address(),
-        );
         let ds = self.get_json(&["-n", MESH_NAMESPACE, "get", "daemonset", AGENT_DAEMONSET])?;
         let spec = &ds["spec"]["template"]["spec"];
         let container = &spec["containers"][0];
+        // Where the agent would dial, by name; here it dials the CA's address and checks
+        // that name on its certificate, as a resolver would have it.
+        let overridden = ca_address_env(container);
+        let named = overridden
+            .or(identity["ca"]["address"].as_str())
+            .context("mesh-config's identity.ca has no address")?;
+        let host = host_of(named)
+            .with_context(|| format!("the CA address {named} names no host"))?
+            .to_owned();
+        if identity["ca"].get("serverName").is_none() {
+            set(&mut config, &["identity", "ca", "serverName"], host);
+        }
+        // With the container's override, the agent gets the dial address through it
+        // ([`KubeMesh::start_agent`]) and mesh-config keeps a name that does not resolve here.
+        if overridden.is_none() {
+            set(
+                &mut config,
+                &["identity", "ca", "address"],
+                self.ca_address(),
+            );
+        }
         let root = self.node_dir(node).join("root");
         for key in [
             &["identity", "ca", "roots"][..],
@@ -594,6 +725,15 @@ impl KubeMesh {
             self.cni_socket(node).display().to_string(),
         );
         serde_yaml_ng::to_string(&config).context("write mesh.yaml")
+    }
+
+    /// The applied ConfigMap's `mesh.yaml`.
+    fn mesh_settings(&self) -> Result<serde_yaml_ng::Value> {
+        let cm = self.get_json(&["-n", MESH_NAMESPACE, "get", "configmap", MESH_CONFIGMAP])?;
+        let text = cm["data"]["mesh.yaml"]
+            .as_str()
+            .context("the ConfigMap mesh-config has no mesh.yaml")?;
+        serde_yaml_ng::from_str(text).context("parse mesh.yaml of the ConfigMap")
     }
 
     /// Where the DaemonSet's pod on `node` would have its container: a Burstable pod (requests,
@@ -760,12 +900,38 @@ impl KubeMesh {
     }
 }
 
+/// The CA address the agent container's env gives, overriding mesh-config's.
+fn ca_address_env(container: &Value) -> Option<&str> {
+    container["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["name"] == CA_ADDRESS_ENV)
+        .and_then(|e| e["value"].as_str())
+}
+
+/// Where [`local_copy`] puts what a pod finds at `path`.
+fn below(root: &Path, path: &str) -> PathBuf {
+    root.join(path.trim_start_matches('/'))
+}
+
+/// The host of `https://host:port/...`.
+fn host_of(address: &str) -> Option<&str> {
+    let rest = address.split_once("://").map_or(address, |(_, rest)| rest);
+    let authority = rest.split('/').next()?;
+    let host = match authority.rsplit_once(':') {
+        Some((host, port)) if port.parse::<u16>().is_ok() => host,
+        _ => authority,
+    };
+    Some(host.trim_start_matches('[').trim_end_matches(']')).filter(|h| !h.is_empty())
+}
+
 /// Writes `data`, what a pod finds at `path`, below `root` (at `root/<path>`, private to
 /// root), and returns where.
 fn local_copy(root: &Path, path: &str, data: &[u8]) -> Result<PathBuf> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
-    let local = root.join(path.trim_start_matches('/'));
+    let local = below(root, path);
     if let Some(dir) = local.parent() {
         sys::mkdir_all(dir)?;
     }

@@ -16,6 +16,7 @@
 
 mod ca;
 mod control_plane;
+mod istiod;
 mod kubeconfig;
 mod mesh;
 mod pki;
@@ -34,8 +35,9 @@ pub use ca::{
     CA_AUDIENCE, CA_DEPLOYMENT, CA_GRPC_PORT, CA_ROOTS_CONFIGMAP, CA_SECRET, CA_SERVICE_ACCOUNT,
     KubeCa,
 };
+pub use istiod::{ISTIO_NAMESPACE, ISTIO_ROOTS_CONFIGMAP, ISTIOD_SERVER_NAME};
 pub use mesh::{
-    KubeMesh, MESH_NAMESPACE, POD_READY_TIMEOUT, cni_plugin_bin, deploy_dir, two_nodes,
+    CaKind, KubeMesh, MESH_NAMESPACE, POD_READY_TIMEOUT, cni_plugin_bin, deploy_dir, two_nodes,
 };
 
 use crate::{Cluster, NodeSpec};

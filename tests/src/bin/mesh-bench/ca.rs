@@ -252,9 +252,9 @@ fn cluster_file(ca: SocketAddr) -> String {
         "identity: {{ca: {{address: \"https://{ca}\", roots: node/ca-roots.pem}}}}\nnodes:\n  - name: {NODE}\n    workloadCgroup: /sys/fs/cgroup/mesh-bench-ca\n    workloads:\n"
     );
     for i in 0..IDENTITIES {
-        let _ = write!(
+        let _ = writeln!(
             text,
-            "      - {{name: w{i}, namespace: bench, serviceAccount: sa-{i}, ips: [10.9.{}.{}], netns: /run/netns/w{i}, cgroup: /sys/fs/cgroup/mesh-bench-ca/w{i}}}\n",
+            "      - {{name: w{i}, namespace: bench, serviceAccount: sa-{i}, ips: [10.9.{}.{}], netns: /run/netns/w{i}, cgroup: /sys/fs/cgroup/mesh-bench-ca/w{i}}}",
             i / 250,
             i % 250 + 1
         );
