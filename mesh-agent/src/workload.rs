@@ -27,6 +27,8 @@ pub struct Cluster {
     #[serde(default)]
     pub hbone: HboneConfig,
     #[serde(default)]
+    pub same_node: SameNodeConfig,
+    #[serde(default)]
     pub policy: PolicyConfig,
     #[serde(deserialize_with = "nodes_without_conflicts")]
     pub nodes: Vec<Node>,
@@ -186,6 +188,41 @@ impl IdentityConfig {
                 *path = base.join(&*path);
             }
         }
+    }
+}
+
+/// How connections between two workloads of one node go (docs/agent.md, "Same-node
+/// connections").
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SameNodeConfig {
+    #[serde(default)]
+    pub mode: SameNodeMode,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum SameNodeMode {
+    /// Authorized with the source identity the kernel proves (the capturing listener's
+    /// workload), delivered without TLS: the bytes never leave the node.
+    #[default]
+    ShortCircuit,
+    /// Through HBONE, as across nodes, for rules that want every connection encrypted.
+    MutualTls,
+}
+
+/// A destination workload with this label set to `mutual-tls` is reached through HBONE from
+/// its own node too, whatever `sameNode.mode` says.
+pub const SAME_NODE_LABEL: &str = "mesh-agent.dev/same-node";
+pub const SAME_NODE_LABEL_MUTUAL_TLS: &str = "mutual-tls";
+
+impl SameNodeConfig {
+    /// Whether a connection from this node to `destination`, a workload it serves, may skip
+    /// HBONE.
+    pub fn short_circuits_to(&self, destination: &Workload) -> bool {
+        self.mode == SameNodeMode::ShortCircuit
+            && destination.labels.get(SAME_NODE_LABEL).map(String::as_str)
+                != Some(SAME_NODE_LABEL_MUTUAL_TLS)
     }
 }
 

@@ -46,6 +46,10 @@ pub fn scratch_root() -> PathBuf {
     std::env::temp_dir().join("mesh-tests")
 }
 
+/// What the agent logs when every workload of its node is served, and when one is not.
+const AGENT_READY: &str = "agent ready";
+const AGENT_NOT_READY: &str = "agent not ready: workloads not served (their IPs stay guarded)";
+
 /// The `mesh-agent` binary: `$MESH_AGENT_BIN`, else
 /// `<workspace>/target/release/mesh-agent`.
 pub fn agent_bin() -> PathBuf {
@@ -147,6 +151,7 @@ pub struct ClusterBuilder {
 struct MeshSettings {
     certificate_lifetime: Option<String>,
     hbone_idle_timeout: Option<String>,
+    same_node_mode: Option<String>,
 }
 
 impl Default for ClusterBuilder {
@@ -177,6 +182,12 @@ impl ClusterBuilder {
     /// Idle time after which pooled HBONE connections close, e.g. "2s".
     pub fn hbone_idle_timeout(mut self, timeout: &str) -> Self {
         self.settings.hbone_idle_timeout = Some(timeout.into());
+        self
+    }
+    /// `sameNode.mode` of the cluster file: `shortCircuit` (the agent's default) or
+    /// `mutualTls`.
+    pub fn same_node_mode(mut self, mode: &str) -> Self {
+        self.settings.same_node_mode = Some(mode.into());
         self
     }
     pub fn node(mut self, node: NodeSpec) -> Self {
@@ -973,6 +984,11 @@ impl Cluster {
             hbone: FileHbone {
                 idle_timeout: self.settings.hbone_idle_timeout.clone(),
             },
+            same_node: self
+                .settings
+                .same_node_mode
+                .clone()
+                .map(|mode| FileSameNode { mode }),
             policy: FilePolicy {
                 path: POLICY_DIR.into(),
             },
@@ -1179,6 +1195,17 @@ impl Cluster {
     /// Like [`Cluster::start_agent`], but the agent reads `cluster_file` (for tests where one
     /// node's view of the mesh differs from the others').
     pub fn start_agent_with(&self, node: &str, cluster_file: &Path) -> Result<()> {
+        self.start_agent_until(node, cluster_file, AGENT_READY)
+    }
+
+    /// Starts the node's agent and returns once it has said that it is *not* ready (some
+    /// workload unserved: its certificate cannot be had, say), for tests of what it does then.
+    pub fn start_agent_unready(&self, node: &str) -> Result<()> {
+        let file = self.cluster_file.clone();
+        self.start_agent_until(node, &file, AGENT_NOT_READY)
+    }
+
+    fn start_agent_until(&self, node: &str, cluster_file: &Path, until: &str) -> Result<()> {
         let mut run: Vec<OsString> = vec!["--cluster".into(), cluster_file.into()];
         run.extend(["--node".into(), node.into()]);
         if self.ca_service.is_some() {
@@ -1188,7 +1215,7 @@ impl Cluster {
             ]);
         }
         let cgroup = self.node(node)?.agent_cgroup();
-        self.spawn_agent(node, run, &cgroup, Some(cluster_file), Vec::new())
+        self.spawn_agent(node, run, &cgroup, Some(cluster_file), Vec::new(), until)
     }
 
     /// Starts `mesh-agent run RUN_ARGS` with `env` in the node's netns and `cgroup` (Kubernetes
@@ -1200,11 +1227,12 @@ impl Cluster {
         cgroup: &Path,
         env: Vec<(String, OsString)>,
     ) -> Result<()> {
-        self.spawn_agent(node, run_args, cgroup, None, env)
+        self.spawn_agent(node, run_args, cgroup, None, env, AGENT_READY)
     }
 
     /// Starts `mesh-agent run RUN_ARGS --bpf-pin-dir <node's> --log-format json` in the node's
-    /// netns and `cgroup`, logging to [`Cluster::agent_log_path`], and waits until it is ready.
+    /// netns and `cgroup`, logging to [`Cluster::agent_log_path`], and waits until it logs
+    /// `until` (ready, or not).
     fn spawn_agent(
         &self,
         node: &str,
@@ -1212,6 +1240,7 @@ impl Cluster {
         cgroup: &Path,
         cluster_file: Option<&Path>,
         env: Vec<(String, OsString)>,
+        until: &str,
     ) -> Result<()> {
         let n = self.node(node)?;
         if self.agents.lock().unwrap().contains_key(node) {
@@ -1250,7 +1279,7 @@ impl Cluster {
         loop {
             let ready = read_log(&log_path, start_offset)?
                 .iter()
-                .any(|v| v.get("message").and_then(Value::as_str) == Some("agent ready"));
+                .any(|v| v.get("message").and_then(Value::as_str) == Some(until));
             if ready {
                 break;
             }
@@ -1264,7 +1293,7 @@ impl Cluster {
                 let _ = child.kill();
                 let _ = child.wait();
                 bail!(
-                    "agent for {node} not ready after {AGENT_READY_TIMEOUT:?}; {}",
+                    "agent for {node} did not log `{until}` within {AGENT_READY_TIMEOUT:?}; {}",
                     tail_of(&log_path)
                 );
             }
@@ -1547,6 +1576,8 @@ struct FileDoc {
     trust_domain: String,
     identity: FileIdentity,
     hbone: FileHbone,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    same_node: Option<FileSameNode>,
     policy: FilePolicy,
     nodes: Vec<FileNode>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -1585,6 +1616,11 @@ struct FilePolicy {
 struct FileHbone {
     #[serde(skip_serializing_if = "Option::is_none")]
     idle_timeout: Option<String>,
+}
+
+#[derive(Serialize)]
+struct FileSameNode {
+    mode: String,
 }
 
 #[derive(Serialize)]

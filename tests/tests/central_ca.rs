@@ -19,7 +19,7 @@ use anyhow::{Context, Result, bail, ensure};
 use common::{LOG_WAIT, fetch, poll_for, web_root};
 use mesh_tests::{
     CA_ISSUED, CA_REFUSED, CaAnswer, Cluster, ClusterBuilder, NODE_CERT_FILE, NODE_KEY_FILE,
-    NodeSpec, PodSpec, addr,
+    NodeSpec, PodSpec, addr, http_url,
 };
 use serde_json::Value;
 use tonic::Code;
@@ -422,6 +422,66 @@ fn a_ca_outage_across_renewals_costs_no_connection_and_renewals_resume() -> Resu
         "{ok} connections, none failed; {ok_in_outage} and {handshakes_in_outage} TLS \
          handshakes during the {OUTAGE:?} outage"
     );
+    Ok(())
+}
+
+#[test]
+fn an_agent_restarted_while_the_ca_is_away_serves_nothing_until_it_has_certificates() -> Result<()>
+{
+    let cluster = Cluster::builder()
+        .with_ca_service()
+        .node(
+            NodeSpec::new("node-a")
+                .pod(PodSpec::new("client").service_account("client"))
+                .pod(PodSpec::new("outsider").enrolled(false)),
+        )
+        .node(NodeSpec::new("node-b").pod(PodSpec::new("web").service_account("web")))
+        .build()?;
+    cluster.start_agents()?;
+    let client = cluster.pod("node-a", "client")?;
+    let outsider = cluster.pod("node-a", "outsider")?;
+    let web = cluster.pod("node-b", "web")?;
+    let server = web.http_server(HTTP_PORT, &web_root(&cluster, "www", BODY)?)?;
+    fetch(client, web.ipv4(), HTTP_PORT, BODY)?;
+
+    // The restarted agent has no certificate (they live in memory only) and cannot get one.
+    cluster.stop_ca()?;
+    cluster.stop_agent("node-b")?;
+    cluster.start_agent_unready("node-b")?;
+    let (code, body) = cluster.readiness("node-b")?;
+    ensure!(
+        code == 503 && body.contains("default/web") && body.contains(WEB_ID),
+        "node-b's readiness without a certificate for web: {code} {body}"
+    );
+    // web stays guarded: neither the mesh client nor a plaintext caller reaches it.
+    let url = http_url(web.ipv4(), HTTP_PORT);
+    for (pod, marker) in [(client, "from-client"), (outsider, "from-outsider")] {
+        let out = pod.curl_within(&format!("{url}{marker}"), Duration::from_secs(3))?;
+        ensure!(
+            !out.success(),
+            "{} reached web while its agent had no certificate: {}",
+            pod.name(),
+            out.stdout_str()
+        );
+    }
+    let served: Vec<String> = server
+        .requests()?
+        .into_iter()
+        .filter(|r| r.contains("from-"))
+        .collect();
+    ensure!(served.is_empty(), "web served {served:?}");
+
+    // The CA back: the agent gets web's certificate, becomes ready and serves.
+    cluster.start_ca()?;
+    poll_for(Duration::from_secs(20), "node-b ready again", || {
+        let (code, body) = cluster.readiness("node-b")?;
+        Ok(if code == 200 {
+            Ok(())
+        } else {
+            Err(format!("{code} {body}"))
+        })
+    })?;
+    fetch(client, web.ipv4(), HTTP_PORT, BODY)?;
     Ok(())
 }
 

@@ -9,7 +9,7 @@ use anyhow::{Context, Result, ensure};
 use mesh_tests::addr;
 use mesh_tests::seed::{
     self, AUTHORIZATION_POLICY, Client, EXIT_RESET, NAMESPACE, Outcome, Security, Seed, Step,
-    StepReport, expect_backend_hops, expect_bodies, expect_edge, expect_exit,
+    StepReport, expect_backend_hops, expect_bodies, expect_edge, expect_exit, expect_mesh_edge,
     expect_refusal_reason, expect_refused,
 };
 
@@ -27,7 +27,7 @@ fn assert_everyone_gets_through(r: &StepReport) -> Result<()> {
     expect_exit(&r.calls, Client::Customer, 0)?;
     expect_bodies(&r.calls)?;
     expect_edge(&r.edges, "unknown", "preference", Security::Plaintext)?;
-    expect_edge(&r.edges, "customer", "preference", Security::MutualTls)?;
+    expect_mesh_edge(&r.edges, "customer", "preference")?;
     expect_backend_hops(&r.edges)?;
     Ok(())
 }
@@ -38,7 +38,7 @@ fn assert_only_customer_gets_through(r: &StepReport) -> Result<()> {
     expect_exit(&r.calls, Client::Customer, 0)?;
     expect_bodies(&r.calls)?;
     expect_refused(&r.edges, "unknown", "preference")?;
-    expect_edge(&r.edges, "customer", "preference", Security::MutualTls)?;
+    expect_mesh_edge(&r.edges, "customer", "preference")?;
     expect_backend_hops(&r.edges)?;
     Ok(())
 }

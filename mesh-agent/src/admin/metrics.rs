@@ -74,8 +74,11 @@ label_enum! {
 label_enum! {
     /// `connection_security_policy`: Kiali draws its padlock for `mutual_tls`.
     pub enum SecurityPolicy {
-        /// Mutual TLS between the two agents (or the same-node equivalent, see the docs).
+        /// Mutual TLS between the two agents.
         MutualTls => "mutual_tls",
+        /// Both ends on one node, the source proven by the kernel (the listener that captured
+        /// it), no TLS: the bytes never left the node. Not `mutual_tls`, so Kiali draws no lock.
+        SameNode => "same_node",
         /// Plaintext or not known; Istio prints `unknown` for plaintext too.
         Unknown => "unknown",
     }

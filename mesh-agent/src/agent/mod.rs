@@ -30,7 +30,11 @@ use crate::{
     kubernetes::{self, MeshConfig},
     netns,
     policy::{PolicySet, PolicyWatcher},
-    proxy::{hbone::HboneClient, inbound::InboundContext, outbound::Mesh},
+    proxy::{
+        hbone::HboneClient,
+        inbound::{InboundContext, LocalTargets},
+        outbound::Mesh,
+    },
     sources::{CLUSTER_FILE_POLL_INTERVAL, ClusterFileSource},
     state::{State, StateStore},
     workload::{Cluster, Signer},
@@ -103,6 +107,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         None => start_policy(&state.cluster, &shutdown)?,
     };
     let admin = start_admin(&config, &metrics, &store, &identities, &policy, &shutdown).await?;
+    let local = LocalTargets::default();
     let context = Arc::new(NodeContext {
         mesh: Arc::new(Mesh {
             state: store.clone(),
@@ -112,6 +117,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 state.cluster.hbone.idle_timeout,
             ),
             metrics: metrics.clone(),
+            local: local.clone(),
         }),
         identities,
         bundle,
@@ -120,6 +126,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             policy,
             metrics: metrics.clone(),
             max_concurrent_streams: state.cluster.hbone.max_concurrent_streams,
+            local,
         },
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),

@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::workload::{DEFAULT_TRUST_DOMAIN, HboneConfig, IdentityConfig, Name, PolicyConfig};
+use crate::workload::{
+    DEFAULT_TRUST_DOMAIN, HboneConfig, IdentityConfig, Name, PolicyConfig, SameNodeConfig,
+};
 
 /// Where the kubelet puts pods' cgroups: its `--cgroup-root` and `--cgroup-driver`.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -72,6 +74,8 @@ pub struct MeshConfig {
     pub identity: IdentityConfig,
     #[serde(default)]
     pub hbone: HboneConfig,
+    #[serde(default)]
+    pub same_node: SameNodeConfig,
     /// Only `rootNamespace`: policies come from the API.
     #[serde(default)]
     pub policy: PolicyRoot,

@@ -414,6 +414,7 @@ impl View {
             trust_domain: self.settings.trust_domain.clone(),
             identity: self.settings.identity.clone(),
             hbone: self.settings.hbone.clone(),
+            same_node: self.settings.same_node.clone(),
             policy: self.settings.policy_config(),
             nodes,
             services: self.mesh_services(),

@@ -22,12 +22,13 @@ use tracing::{info, warn};
 use super::{
     Lifetime,
     hbone::{HBONE_PORT, HboneClient, HboneError, HboneStream},
+    inbound::{LocalTarget, LocalTargets, SameNodeError},
     relay::{Transferred, relay, tcp_halves},
     telemetry::{self, Party},
     tunnel::Refused,
 };
 use crate::{
-    admin::{Metrics, Reporter, ResponseFlags},
+    admin::{Metrics, Reporter, ResponseFlags, SecurityPolicy},
     ebpf::OrigDstTable,
     identity::{self, SpiffeId},
     netns::{self, NetNs},
@@ -57,6 +58,8 @@ pub struct Mesh {
     pub state: StateStore,
     pub hbone: Arc<HboneClient>,
     pub metrics: Metrics,
+    /// The node's served workloads, for same-node connections.
+    pub local: LocalTargets,
 }
 
 /// A workload a connection may go to through its agent, and the address it is asked for.
@@ -72,6 +75,8 @@ struct Endpoint {
 #[derive(Clone, Copy)]
 enum Security {
     MutualTls,
+    /// Delivered on this node without TLS, the source proven by the kernel.
+    SameNode,
     None,
 }
 
@@ -79,7 +84,16 @@ impl Security {
     fn as_str(self) -> &'static str {
         match self {
             Security::MutualTls => "mutual_tls",
+            Security::SameNode => "same_node",
             Security::None => "none",
+        }
+    }
+
+    fn policy(self) -> SecurityPolicy {
+        match self {
+            Security::MutualTls => SecurityPolicy::MutualTls,
+            Security::SameNode => SecurityPolicy::SameNode,
+            Security::None => SecurityPolicy::Unknown,
         }
     }
 }
@@ -100,6 +114,8 @@ enum OutboundError {
     NoEndpoint { service: String, port: u16 },
     #[error("the workload was removed or restarted")]
     WorkloadGone,
+    #[error("same node: {0}")]
+    SameNode(#[from] SameNodeError),
 }
 
 impl Outbound {
@@ -266,6 +282,9 @@ async fn forward_hbone(
     let mut opened = None;
     let count = endpoints.len();
     for (tried, endpoint) in endpoints.into_iter().enumerate() {
+        if let Some(local) = source.same_node_target(&endpoint) {
+            return forward_same_node(conn, endpoint, local, source, log).await;
+        }
         let via = SocketAddr::new(endpoint.authority.ip(), HBONE_PORT);
         let open = source.mesh.hbone.open(
             (&source.info.uid, &source.info.identity),
@@ -324,6 +343,61 @@ async fn forward_hbone(
     })
 }
 
+impl Source {
+    /// The destination's inbound side, when the endpoint is a workload this agent serves and
+    /// the settings let the connection skip HBONE.
+    fn same_node_target(&self, endpoint: &Endpoint) -> Option<LocalTarget> {
+        let target = self.mesh.local.get(endpoint.authority.ip())?;
+        let state = self.mesh.state.load();
+        state
+            .cluster
+            .same_node
+            .short_circuits_to(&endpoint.workload.workload)
+            .then_some(target)
+    }
+
+    /// The source's own address for a connection to `dst`: the capturing listener sees the
+    /// client on loopback, but policy (`ipBlocks`) and logs need the workload's IP.
+    fn address_towards(&self, dst: SocketAddr, port: u16) -> SocketAddr {
+        let ips = &self.info.workload.ips;
+        let ip = ips
+            .iter()
+            .find(|ip| ip.is_ipv4() == dst.is_ipv4())
+            .unwrap_or(&ips[0]);
+        SocketAddr::new(*ip, port)
+    }
+}
+
+/// To a workload of this node, through its inbound side in this process: no tunnel, no TLS.
+async fn forward_same_node(
+    conn: &mut TcpStream,
+    endpoint: Endpoint,
+    local: LocalTarget,
+    source: &Source,
+    log: &mut ConnectionLog<'_>,
+) -> Result<(), OutboundError> {
+    let dst = endpoint.authority;
+    let src = source.address_towards(dst, conn.peer_addr().map_or(0, |a| a.port()));
+    log.security = Security::SameNode;
+    log.peer_identity = Some(local.identity().clone());
+    log.endpoint = Some(endpoint);
+    let delivered = local
+        .deliver(conn, source.info.identity.clone(), src, dst)
+        .await;
+    match delivered {
+        Ok(transferred) => {
+            log.transferred = transferred;
+            Ok(())
+        }
+        Err(err) => {
+            if let SameNodeError::Ended { transferred, .. } = &err {
+                log.transferred = *transferred;
+            }
+            Err(err.into())
+        }
+    }
+}
+
 /// Istio's TCP metrics for the connection, reported by the source side.
 fn record_metrics(source: &Source, log: &ConnectionLog<'_>, result: &Result<(), OutboundError>) {
     let state = source.mesh.state.load();
@@ -346,7 +420,7 @@ fn record_metrics(source: &Source, log: &ConnectionLog<'_>, result: &Result<(), 
             workload: destination.as_ref().map(|w| &w.workload),
             principal: log.peer_identity.as_ref(),
         },
-        matches!(log.security, Security::MutualTls),
+        log.security.policy(),
     );
     if let Some(service) = &log.service {
         labels.destination_service = service.hostname.clone();
@@ -356,6 +430,7 @@ fn record_metrics(source: &Source, log: &ConnectionLog<'_>, result: &Result<(), 
         Err(OutboundError::Relay(_)) => ResponseFlags::UpstreamTermination,
         Err(OutboundError::NoEndpoint { .. }) => ResponseFlags::NoHealthyUpstream,
         Err(OutboundError::WorkloadGone) => ResponseFlags::DownstreamTermination,
+        Err(OutboundError::SameNode(err)) => err.response_flags(),
         Err(_) => ResponseFlags::UpstreamConnectFailure,
     };
     source.mesh.metrics.connection_opened(&labels);

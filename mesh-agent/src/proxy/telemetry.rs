@@ -17,12 +17,12 @@ pub struct Party<'a> {
     pub principal: Option<&'a SpiffeId>,
 }
 
-/// The labels of a connection: `mutual_tls` when it crossed the mesh authenticated.
+/// The labels of a connection secured as `security` says.
 pub fn connection_labels(
     reporter: Reporter,
     source: Party<'_>,
     destination: Party<'_>,
-    mutual_tls: bool,
+    security: SecurityPolicy,
 ) -> ConnectionLabels {
     let mut labels = ConnectionLabels::new(reporter);
     if let Some(workload) = source.workload {
@@ -40,11 +40,7 @@ pub fn connection_labels(
     if let Some(principal) = destination.principal {
         labels.destination_principal = principal.to_string();
     }
-    labels.connection_security_policy = if mutual_tls {
-        SecurityPolicy::MutualTls
-    } else {
-        SecurityPolicy::Unknown
-    };
+    labels.connection_security_policy = security;
     labels
 }
 

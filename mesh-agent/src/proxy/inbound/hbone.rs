@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tracing::{info, warn};
 
-use super::{Caller, Target, connect_to_workload, deliver, log_denied};
+use super::{Caller, Target, Via, connect_to_workload, deliver, log_denied};
 use crate::{
     identity::{self, SpiffeId},
     policy::Decision,
@@ -83,6 +83,7 @@ pub(super) async fn serve_connection(tcp: TcpStream, peer_addr: SocketAddr, targ
     let caller = Caller {
         identity: Some(identity.clone()),
         addr: peer_addr,
+        via: Via::Hbone,
     };
     if let Err(err) = serve_streams(tls, caller, &target).await {
         warn!(workload = %target.name, peer_identity = %identity, reason = %err, "inbound HTTP/2 connection failed");

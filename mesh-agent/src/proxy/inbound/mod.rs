@@ -5,13 +5,18 @@
 //! - [`hbone`]: mutual TLS on the workload's IPs, port 15008 (the caller's identity comes from its
 //!   certificate);
 //! - [`plaintext`]: everything else, steered by `sk_lookup` to port 15006 (no identity; refused
-//!   under STRICT).
+//!   under STRICT);
+//! - [`same_node`]: connections from another workload of this node, handed over by the outbound
+//!   side without a tunnel (the caller's identity is a kernel fact).
 //!
 //! Connections stay registered while they last: when the policy changes, those it no longer
 //! allows are reset, the others continue.
 
 mod hbone;
 mod plaintext;
+mod same_node;
+
+pub use same_node::{LocalTarget, LocalTargets, SameNodeError};
 
 use std::{
     collections::HashMap,
@@ -40,7 +45,7 @@ use super::{
     telemetry::{self, Party},
 };
 use crate::{
-    admin::{ConnectionLabels, Metrics, Reporter, ResponseFlags},
+    admin::{ConnectionLabels, Metrics, Reporter, ResponseFlags, SecurityPolicy},
     identity::SpiffeId,
     netns::NetNs,
     policy::{ConnectionAttrs, Decision, MtlsMode, PolicySet, WorkloadRef},
@@ -48,6 +53,7 @@ use crate::{
 };
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const CLIENT_FIRST_BYTES_WAIT: Duration = Duration::from_millis(500);
 
 /// One local workload, as its inbound listeners serve it.
 pub struct Inbound {
@@ -65,6 +71,8 @@ pub struct InboundContext {
     pub metrics: Metrics,
     /// Streams allowed on one inbound HBONE connection.
     pub max_concurrent_streams: u32,
+    /// Where each served workload is published for same-node connections.
+    pub local: LocalTargets,
 }
 
 /// What every inbound connection to the workload needs.
@@ -83,6 +91,18 @@ struct Target {
 struct Caller {
     identity: Option<SpiffeId>,
     addr: SocketAddr,
+    via: Via,
+}
+
+/// The path a connection came by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Via {
+    /// An HBONE tunnel: the identity is the peer certificate's.
+    Hbone,
+    /// Captured plaintext: no identity.
+    Plaintext,
+    /// From a workload of this node: the identity is the capturing listener's workload's.
+    SameNode,
 }
 
 #[derive(Default)]
@@ -148,6 +168,12 @@ impl Inbound {
 
     pub fn serve(self, tracker: &TaskTracker) {
         let shutdown = &self.target.lifetime.stop.clone();
+        self.target.context.local.publish(&self.target);
+        let target = self.target.clone();
+        tracker.spawn(async move {
+            target.lifetime.stop.cancelled().await;
+            target.context.local.withdraw(&target);
+        });
         for listener in self.hbone_listeners {
             accept_loop(
                 listener,
@@ -222,7 +248,7 @@ impl Target {
                 workload: Some(&self.info.workload),
                 principal: Some(&self.info.identity),
             },
-            caller.identity.is_some(),
+            caller.security_policy(),
         )
     }
 
@@ -258,11 +284,21 @@ impl Caller {
         }
     }
 
+    /// For logs.
     fn security(&self) -> &'static str {
-        if self.identity.is_some() {
-            "mutual_tls"
-        } else {
-            "none"
+        match self.via {
+            Via::Hbone => "mutual_tls",
+            Via::Plaintext => "none",
+            Via::SameNode => "same_node",
+        }
+    }
+
+    /// For metrics (Istio's `connection_security_policy`).
+    fn security_policy(&self) -> SecurityPolicy {
+        match self.via {
+            Via::Hbone => SecurityPolicy::MutualTls,
+            Via::Plaintext => SecurityPolicy::Unknown,
+            Via::SameNode => SecurityPolicy::SameNode,
         }
     }
 
@@ -316,16 +352,22 @@ async fn connect_to_workload(netns: &NetNs, dst: SocketAddr) -> std::io::Result<
     Ok(upstream)
 }
 
+/// How a delivered connection ended: what it moved, and for a failure its `response_flags`
+/// (the caller then resets its side).
+struct Delivered {
+    transferred: super::Transferred,
+    failure: Option<ResponseFlags>,
+}
+
 /// Relays an admitted connection to the workload until either side is done or the policy
-/// revokes it, then logs it. Returns whether it ended in failure, so that the caller resets its
-/// side.
+/// revokes it, then logs it.
 async fn deliver<R: ChunkRead, W: ChunkWrite>(
     caller_side: (R, W),
     mut upstream: TcpStream,
     caller: Caller,
     dst: SocketAddr,
     target: &Target,
-) -> bool {
+) -> Delivered {
     let started = Instant::now();
     let mut labels = target.labels_for(&caller);
     target.context.metrics.connection_opened(&labels);
@@ -366,7 +408,7 @@ async fn deliver<R: ChunkRead, W: ChunkWrite>(
         caller.addr.to_string(),
         caller.security(),
     );
-    let failed = error.is_some();
+    let failure = error.is_some().then_some(flags);
     match error {
         None => info!(
             workload = %target.name,
@@ -395,7 +437,19 @@ async fn deliver<R: ChunkRead, W: ChunkWrite>(
             let _ = upstream.set_zero_linger();
         }
     }
-    failed
+    Delivered {
+        transferred,
+        failure,
+    }
+}
+
+/// Waits, briefly, for a refused client's first bytes, so that the reset that follows meets a
+/// client waiting for its answer (`curl: (56) Recv failure`), not one still connecting (which
+/// would report that it could not connect).
+async fn wait_for_first_bytes(tcp: &TcpStream) {
+    // `readable()` may wake before data is there; `peek` waits for a byte.
+    let mut first = [0u8; 1];
+    let _ = tokio::time::timeout(CLIENT_FIRST_BYTES_WAIT, tcp.peek(&mut first)).await;
 }
 
 /// Logs and counts a connection refused by authorization, with the policy that refused it.

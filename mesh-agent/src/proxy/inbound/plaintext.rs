@@ -8,11 +8,9 @@ use mesh_ebpf_common::INBOUND_PLAINTEXT_PORT;
 use tokio::net::TcpStream;
 use tracing::warn;
 
-use super::{Caller, Target, connect_to_workload, deliver, log_denied};
+use super::{Caller, Target, Via, connect_to_workload, deliver, log_denied, wait_for_first_bytes};
 use crate::policy::{Decision, MtlsMode};
 use crate::proxy::relay::tcp_halves;
-
-const CLIENT_FIRST_BYTES_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 pub(super) async fn serve_connection(
     mut tcp: TcpStream,
@@ -23,6 +21,7 @@ pub(super) async fn serve_connection(
     let caller = Caller {
         identity: None,
         addr: SocketAddr::new(peer_addr.ip().to_canonical(), peer_addr.port()),
+        via: Via::Plaintext,
     };
     let dst = match tcp.local_addr() {
         Ok(dst) if dst.port() != INBOUND_PLAINTEXT_PORT => {
@@ -61,18 +60,16 @@ pub(super) async fn serve_connection(
             return;
         }
     };
-    if deliver(tcp_halves(&mut tcp), upstream, caller, dst, &target).await {
+    let delivered = deliver(tcp_halves(&mut tcp), upstream, caller, dst, &target).await;
+    if delivered.failure.is_some() {
         reset(tcp);
     }
 }
 
 /// What a refused plaintext client sees, as in Istio: a reset
-/// (`curl: (56) Recv failure: Connection reset by peer`). The reset waits, briefly, for the
-/// client's first bytes, so that it meets a client waiting for its answer.
+/// (`curl: (56) Recv failure: Connection reset by peer`), once it has sent its first bytes.
 async fn refuse(tcp: TcpStream) {
-    // `readable()` may wake before data is there; `peek` waits for a byte.
-    let mut first = [0u8; 1];
-    let _ = tokio::time::timeout(CLIENT_FIRST_BYTES_WAIT, tcp.peek(&mut first)).await;
+    wait_for_first_bytes(&tcp).await;
     reset(tcp);
 }
 
