@@ -1,12 +1,13 @@
 //! The CA service on Kubernetes (deploy/ca/), against a real kube-apiserver: it signs only for
 //! the agents' own service account, only with tokens the API server says are valid now, and
 //! only identities of pods on the asking agent's node; every refusal is logged with who asked
-//! for what.
+//! for what. With deploy/istiod/ the agents take their certificates from a real istiod
+//! instead (`pilot-discovery`, built from istio.io/istio), and its node authorizer decides.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
-use mesh_tests::kube::{CA_AUDIENCE, KubeMesh, two_nodes};
+use mesh_tests::kube::{CA_AUDIENCE, CaKind, KubeMesh, MESH_NAMESPACE, two_nodes};
 use mesh_tests::{CA_ISSUED, CA_REFUSED, CaAnswer};
 use serde_json::Value;
 
@@ -16,7 +17,7 @@ const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 const LOG_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Namespace `shop` in the mesh: pod `client` (ServiceAccount client) on node-a, pod `web`
-/// (ServiceAccount web) on node-b.
+/// (ServiceAccount web, HTTP on 8080) on node-b.
 const SHOP: &str = r#"
 apiVersion: v1
 kind: Namespace
@@ -46,11 +47,18 @@ spec:
   serviceAccountName: web
   nodeSelector: {kubernetes.io/hostname: node-b}
   containers:
-  - {name: web, image: curlimages/curl, command: [sleep, "3650d"]}
+  - name: web
+    image: python:3
+    command: [python3, -m, http.server, "8080", --directory, /usr/share/doc/curl]
+    readinessProbe: {tcpSocket: {port: 8080}, periodSeconds: 1}
 "#;
 
 fn start() -> Result<KubeMesh> {
-    let mesh = KubeMesh::start(&two_nodes())?;
+    start_with(CaKind::Mesh)
+}
+
+fn start_with(ca: CaKind) -> Result<KubeMesh> {
+    let mesh = KubeMesh::start_with(&two_nodes(), ca)?;
     mesh.apply(SHOP)?;
     mesh.wait_ready(NS, "app in (client, web)")?;
     Ok(mesh)
@@ -230,4 +238,105 @@ fn poll_logged(mesh: &KubeMesh, skip: usize, identity: &str) -> Result<Value> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// istiod's log says it signed a certificate for `identity` (its `serverca` scope).
+fn istiod_signed(mesh: &KubeMesh, identity: &str) -> Result<bool> {
+    let signed = format!("CSR successfully signed, sans [{identity}].");
+    Ok(mesh
+        .ca()
+        .logs()?
+        .iter()
+        .any(|l| l["msg"] == signed.as_str()))
+}
+
+#[test]
+fn agents_take_their_workload_certificates_from_istiod() -> Result<()> {
+    let mesh = start_with(CaKind::Istiod)?;
+
+    // No mesh CA, so no mesh signing key, anywhere on the cluster.
+    for kind in ["secret", "deployment"] {
+        let out = mesh.kube().control_plane().kubectl_output([
+            "-n",
+            MESH_NAMESPACE,
+            "get",
+            kind,
+            "mesh-ca",
+        ])?;
+        assert!(
+            !out.success(),
+            "deploy/istiod installed {kind} mesh-ca: {}",
+            out.stdout_str()
+        );
+    }
+    // The agents trust istiod's root, as istiod published it, and nothing else.
+    let istiod_root = std::fs::read_to_string(mesh.ca_roots_path())?;
+    for node in ["node-a", "node-b"] {
+        let path = mesh.agent_file(node, "/etc/mesh/ca-roots/roots.pem");
+        let roots =
+            std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+        assert_eq!(roots, istiod_root, "{node}'s agent's roots");
+    }
+
+    // Until node-a's agent has seen web's pod, it would pass the call through as plain TCP.
+    let url = format!("http://{}:8080/", mesh.pod_ip(NS, "web")?);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let line = loop {
+        let out = mesh.curl(NS, "client", &url, Duration::from_secs(5))?;
+        let mtls = mesh.cluster().agent_logs("node-b")?.into_iter().find(|l| {
+            l["message"] == "inbound connection closed"
+                && l["security"] == "mutual_tls"
+                && l["peer_identity"] == CLIENT
+        });
+        match mtls {
+            Some(line) if out.success() => break line,
+            _ if std::time::Instant::now() > deadline => bail!(
+                "no mTLS call client → web: curl {:?} {}; {}; {}",
+                out.code(),
+                out.stderr_str(),
+                mesh.cluster().agent_log_tail("node-b"),
+                mesh.ca().log_tail()
+            ),
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    };
+    assert!(line["bytes_sent"].as_u64() > Some(0), "{line}");
+    for identity in [CLIENT, WEB] {
+        assert!(
+            istiod_signed(&mesh, identity)?,
+            "istiod logged no signature for {identity}; {}",
+            mesh.ca().log_tail()
+        );
+    }
+
+    // istiod's node authorizer: node-a's agent gets its own pod's identity, signed by the
+    // root the agents trust, and not the identity of a pod on node-b.
+    let token = mesh.agent_ca_token("node-a")?;
+    let own = mesh.request_certificate("node-a", Some(&token), CLIENT)?;
+    let CaAnswer::Issued { chain, .. } = &own else {
+        bail!("istiod refused node-a its own pod's identity: {own:?}");
+    };
+    assert_eq!(own.leaf_sans()?, [format!("URI:{CLIENT}")]);
+    assert_eq!(
+        chain.last().map(|c| c.trim()),
+        Some(istiod_root.trim()),
+        "the chain istiod returned does not end at the root it published"
+    );
+    let other = mesh.request_certificate("node-a", Some(&token), WEB)?;
+    assert!(
+        other.refusal().is_some(),
+        "istiod gave node-a's agent the identity of web, which runs on node-b: {other:?}"
+    );
+    mesh.ca()
+        .wait_for_log(
+            |l| {
+                l["msg"].as_str().is_some_and(|m| {
+                    m.contains(&format!("impersonation failed for identity {WEB}"))
+                        && m.contains("node-a")
+                })
+            },
+            Duration::from_secs(5),
+        )
+        .context("istiod logs why it refused")?;
+    Ok(())
 }

@@ -93,6 +93,13 @@ fn start_shop(label: &str) -> Result<KubeMesh> {
         ["pod/curl", "-n", "outside"],
         Duration::from_secs(60),
     )?;
+    // The callers are on node-a: its Service rules must route to web before the tests call.
+    let pods = mesh.kubectl(["-n", NS, "get", "pods", "-l", "app=web", "-o", "json"])?;
+    let pods: Value = serde_json::from_slice(&pods.stdout)?;
+    for pod in pods["items"].as_array().into_iter().flatten() {
+        let ip = pod["status"]["podIP"].as_str().context("web has no IP")?;
+        mesh.wait_routed_to("node-a", ip)?;
+    }
     Ok(mesh)
 }
 
@@ -443,13 +450,8 @@ fn namespace_label_captures_and_releases_running_pods() -> Result<()> {
     )
     .with_context(|| mesh.cluster().agent_log_tail("node-a"))?;
 
-    mesh.kubectl([
-        "label",
-        "namespace",
-        NS,
-        "istio.io/dataplane-mode=none",
-        "--overwrite",
-    ])?;
+    // A pod can be removed and served again while it runs (its sandbox updated): count only
+    // the removals the label change makes.
     let served_out = |node: &str, prefix: &'static str| {
         count_logs(&mesh, node, |l| {
             l["message"] == "workload removed"
@@ -458,11 +460,21 @@ fn namespace_label_captures_and_releases_running_pods() -> Result<()> {
                     .is_some_and(|w| w.starts_with(prefix))
         })
     };
+    let (client_before, web_before) = (
+        served_out("node-a", "shop/client")?,
+        served_out("node-b", "shop/web-")?,
+    );
+    mesh.kubectl([
+        "label",
+        "namespace",
+        NS,
+        "istio.io/dataplane-mode=none",
+        "--overwrite",
+    ])?;
     poll("both pods are served out", Duration::from_secs(30), || {
-        Ok(
-            (served_out("node-a", "shop/client")? > 0 && served_out("node-b", "shop/web-")? > 0)
-                .then_some(()),
-        )
+        Ok((served_out("node-a", "shop/client")? > client_before
+            && served_out("node-b", "shop/web-")? > web_before)
+            .then_some(()))
     })?;
     let carried = inbound_to_web(&mesh)?.len();
     assert_eq!(

@@ -17,6 +17,16 @@ const HTTP_PORT: u16 = 8080;
 const ECHO_PORT: u16 = 7000;
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
 const WEB_ID: &str = "spiffe://cluster.local/ns/default/sa/web";
+/// Denies web to every caller from namespace team.
+const DENY_TEAM: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-team, namespace: default}
+spec:
+  selector: {matchLabels: {app: web}}
+  action: DENY
+  rules: [{from: [{source: {namespaces: [team]}}]}]
+"#;
 
 /// node-a: `client` (sa client), `client2` (namespace team, sa other), `outsider` (not in the
 /// mesh) and `web` (app=web, sa web: HTTP on 8080, echo on 7000).
@@ -223,18 +233,7 @@ spec:
     );
     // By namespace: DENY from team.
     s.cluster.delete_policy("allow-client")?;
-    s.cluster.apply_policy(
-        "deny-team",
-        r#"
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: deny-team, namespace: default}
-spec:
-  selector: {matchLabels: {app: web}}
-  action: DENY
-  rules: [{from: [{source: {namespaces: [team]}}]}]
-"#,
-    )?;
+    s.cluster.apply_policy("deny-team", DENY_TEAM)?;
     s.expect_reset("client2")?;
     s.expect_ok("client")?;
     Ok(())
@@ -246,18 +245,7 @@ fn a_policy_change_revokes_an_open_same_node_connection() -> Result<()> {
     let web_ip = s.cluster.pod("node-a", "web")?.ipv4();
     let mut held = hold_echo(s.cluster.pod("node-a", "client2")?, web_ip, ECHO_PORT)?;
     held.ensure_up()?;
-    s.cluster.apply_policy(
-        "deny-team",
-        r#"
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: deny-team, namespace: default}
-spec:
-  selector: {matchLabels: {app: web}}
-  action: DENY
-  rules: [{from: [{source: {namespaces: [team]}}]}]
-"#,
-    )?;
+    s.cluster.apply_policy("deny-team", DENY_TEAM)?;
     held.wait_broken(Duration::from_secs(5))?;
     s.expect_ok("client")?;
     Ok(())

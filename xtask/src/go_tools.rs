@@ -93,7 +93,7 @@ const CNI_PLUGINS: GoToolSet = GoToolSet {
     ldflags: "",
 };
 
-/// istiod, whose CA the agents can use instead of the mesh's own (tests/tests/istiod_ca.rs).
+/// istiod, whose CA the agents can use instead of the mesh's own (tests/tests/kube_ca.rs).
 /// istio.io/istio has no releases as a Go module; this is the newest commit the proxy serves.
 /// A cold build takes about 15 minutes on 2 cores.
 const ISTIOD: GoToolSet = GoToolSet {

@@ -574,15 +574,7 @@ pub fn expect_edge(
     destination: &str,
     security: Security,
 ) -> Result<()> {
-    let found: Vec<&Edge> = edges
-        .iter()
-        .filter(|e| e.source == source && e.destination == destination && e.connections > 0)
-        .collect();
-    ensure!(
-        !found.is_empty(),
-        "no delivered connection {source} -> {destination}; the agents saw:\n{}",
-        list(edges)
-    );
+    let found = delivered_edges(edges, source, destination)?;
     for e in found {
         ensure!(
             e.security == security,
@@ -593,9 +585,12 @@ pub fn expect_edge(
     Ok(())
 }
 
-/// Connections `source` → `destination` were delivered, every one authenticated by the mesh:
-/// mutual TLS across nodes, or the kernel-verified same-node path.
-pub fn expect_mesh_edge(edges: &[Edge], source: &str, destination: &str) -> Result<()> {
+/// The edges `source` → `destination` that delivered connections; an error if none did.
+fn delivered_edges<'e>(
+    edges: &'e [Edge],
+    source: &str,
+    destination: &str,
+) -> Result<Vec<&'e Edge>> {
     let found: Vec<&Edge> = edges
         .iter()
         .filter(|e| e.source == source && e.destination == destination && e.connections > 0)
@@ -605,6 +600,13 @@ pub fn expect_mesh_edge(edges: &[Edge], source: &str, destination: &str) -> Resu
         "no delivered connection {source} -> {destination}; the agents saw:\n{}",
         list(edges)
     );
+    Ok(found)
+}
+
+/// Connections `source` → `destination` were delivered, every one authenticated by the mesh:
+/// mutual TLS across nodes, or the kernel-verified same-node path.
+pub fn expect_mesh_edge(edges: &[Edge], source: &str, destination: &str) -> Result<()> {
+    let found = delivered_edges(edges, source, destination)?;
     for e in found {
         ensure!(
             e.security.is_mesh(),
