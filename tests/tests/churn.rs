@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use common::{LOG_WAIT, http_get, poll_for, web_root};
+use common::{LOG_WAIT, fd_count, http_get, poll_for, rss_kib, web_root};
 use mesh_tests::{Cluster, NodeSpec, Pod, PodSpec, Reload, addr, http_url, run_with_timeout};
 use serde_json::Value;
 
@@ -149,24 +149,6 @@ fn agent_pid(cluster: &Cluster, node: &str) -> Result<u32> {
             procs.display()
         ),
     }
-}
-
-fn fd_count(pid: u32) -> Result<usize> {
-    let dir = format!("/proc/{pid}/fd");
-    Ok(fs::read_dir(&dir)
-        .with_context(|| format!("read {dir}"))?
-        .count())
-}
-
-fn rss_kib(pid: u32) -> Result<u64> {
-    let path = format!("/proc/{pid}/status");
-    let status = fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|kib| kib.parse().ok())
-        .with_context(|| format!("no VmRSS in {path}"))
 }
 
 /// The keys of a pinned map's entries: `bpftool map dump pinned PATH -j`, one JSON object per

@@ -281,3 +281,379 @@ fn mutual_tls_can_be_required_mesh_wide_or_per_destination() -> Result<()> {
     went_through_hbone(&labelled).context("the destination's label")?;
     Ok(())
 }
+
+// ------------------------------------------------------------------ the data path
+
+/// Python: one connection's worth of bulk transfer, each way in turn, each side sending what
+/// `PATH` holds `REPEAT` times with `write` (sendall), `sendfile` or `splice` (file → pipe →
+/// socket), then half-closing; the other side reads to EOF, prints `recv BYTES SHA256`, then
+/// sends its own. `client-first`: the client sends first; `server-first`: the server does.
+///   server PORT MODE PATH REPEAT ORDER      (prints `listening` once bound)
+///   client HOST PORT MODE PATH REPEAT ORDER
+const TRANSFER: &str = r#"
+import hashlib, os, socket, sys
+if sys.argv[1] == "server":
+    _, role, port, mode, path, repeat, order = sys.argv
+    ls = socket.create_server(("::", int(port)), family=socket.AF_INET6, dualstack_ipv6=True)
+    print("listening", flush=True)
+    sock, _ = ls.accept()
+else:
+    _, role, host, port, mode, path, repeat, order = sys.argv
+    sock = socket.create_connection((host, int(port)))
+repeat = int(repeat)
+
+def send():
+    size = os.path.getsize(path)
+    if mode == "write":
+        with open(path, "rb") as f:
+            data = f.read()
+        for _ in range(repeat):
+            sock.sendall(data)
+    elif mode == "sendfile":
+        fd = os.open(path, os.O_RDONLY)
+        for _ in range(repeat):
+            off = 0
+            while off < size:
+                off += os.sendfile(sock.fileno(), fd, off, size - off)
+    else:
+        fd = os.open(path, os.O_RDONLY)
+        r, w = os.pipe()
+        for _ in range(repeat):
+            off = 0
+            while off < size:
+                n = os.splice(fd, w, min(1 << 16, size - off), offset_src=off)
+                off += n
+                while n:
+                    n -= os.splice(r, sock.fileno(), n)
+    sock.shutdown(socket.SHUT_WR)
+
+def recv():
+    h, total = hashlib.sha256(), 0
+    while True:
+        b = sock.recv(1 << 20)
+        if not b:
+            break
+        h.update(b)
+        total += len(b)
+    print("recv", total, h.hexdigest(), flush=True)
+
+first = (role == "client") == (order == "client-first")
+if first:
+    send(); recv()
+else:
+    recv(); send()
+sock.close()
+"#;
+
+/// Python: resets its connection (SO_LINGER 0) after one byte, or reports the reset it got.
+///   server PORT reset|wait          client HOST PORT reset|wait
+/// `reset`: read one byte, then reset; `wait`: send one byte, then read until the reset and
+/// print `reset` (or `eof` / the bytes, which is wrong).
+const RESETS: &str = r#"
+import socket, struct, sys, time
+if sys.argv[1] == "server":
+    _, role, port, action = sys.argv
+    ls = socket.create_server(("::", int(port)), family=socket.AF_INET6, dualstack_ipv6=True)
+    print("listening", flush=True)
+    sock, _ = ls.accept()
+else:
+    _, role, host, port, action = sys.argv
+    sock = socket.create_connection((host, int(port)))
+if action == "reset":
+    sock.recv(1) if role == "server" else (sock.sendall(b"x"), time.sleep(0.5))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+    print("done", flush=True)
+else:
+    if role == "client":
+        sock.sendall(b"x")
+    sock.settimeout(10)
+    try:
+        got = sock.recv(1 << 16) if role == "client" else (sock.recv(1), sock.recv(1 << 16))[1]
+        print("eof" if not got else "bytes %r" % got, flush=True)
+    except ConnectionResetError:
+        print("reset", flush=True)
+"#;
+
+/// A 64 MiB file of random bytes in the cluster's scratch directory, and its content.
+fn random_file(cluster: &Cluster) -> Result<(std::path::PathBuf, Vec<u8>)> {
+    use std::io::Read as _;
+    let mut data = vec![0u8; 64 << 20];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut data)?;
+    let path = cluster.workdir().join("random.bin");
+    std::fs::write(&path, &data)?;
+    Ok((path, data))
+}
+
+/// Starts a Python server in `pod` and waits until it says it listens.
+fn python_server(
+    pod: &mesh_tests::Pod,
+    script: &str,
+    args: &[&str],
+) -> Result<mesh_tests::ChildGuard> {
+    use std::io::BufRead as _;
+    let mut argv = vec!["-c", script, "server"];
+    argv.extend_from_slice(args);
+    let mut guard = pod.spawn_piped("/usr/bin/python3", argv)?;
+    let stdout = guard.child_mut().stdout.as_mut().context("stdout")?;
+    let mut line = String::new();
+    std::io::BufReader::new(stdout).read_line(&mut line)?;
+    ensure!(line.trim() == "listening", "the server said {line:?}");
+    Ok(guard)
+}
+
+/// What a spawned Python server printed once it exits (within `timeout`).
+fn server_output(mut guard: mesh_tests::ChildGuard, timeout: Duration) -> Result<String> {
+    use std::io::Read as _;
+    common::wait_for_exit(guard.child_mut(), timeout)?;
+    let mut out = String::new();
+    if let Some(mut stdout) = guard.child_mut().stdout.take() {
+        stdout.read_to_string(&mut out)?;
+    }
+    Ok(out)
+}
+
+#[test]
+fn a_gibibyte_each_way_arrives_intact_from_write_sendfile_and_splice_senders() -> Result<()> {
+    use sha2::Digest as _;
+    const REPEAT: usize = 16;
+    let s = default_setup()?;
+    let (path, data) = random_file(&s.cluster)?;
+    let mut hasher = sha2::Sha256::new();
+    for _ in 0..REPEAT {
+        hasher.update(&data);
+    }
+    let want = format!("recv {} {:x}", data.len() * REPEAT, hasher.finalize());
+    let (client, web) = (
+        s.cluster.pod("node-a", "client")?,
+        s.cluster.pod("node-a", "web")?,
+    );
+    let path = path.display().to_string();
+    let repeat = REPEAT.to_string();
+    // Each order half-closes first on another side: both directions are covered.
+    for (k, (mode, order)) in [
+        ("write", "client-first"),
+        ("sendfile", "server-first"),
+        ("splice", "client-first"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let port = (9100 + k).to_string();
+        let server = python_server(web, TRANSFER, &[&port, mode, &path, &repeat, order])?;
+        let out = client.run(
+            "/usr/bin/python3",
+            [
+                "-c",
+                TRANSFER,
+                "client",
+                &web.ipv4().to_string(),
+                &port,
+                mode,
+                &path,
+                &repeat,
+                order,
+            ],
+            Duration::from_secs(120),
+        )?;
+        let served = server_output(server, Duration::from_secs(10))?;
+        ensure!(
+            out.success() && out.stdout_str().trim() == want && served.trim() == want,
+            "{mode}, {order}: the client got {:?} ({}), the server {served:?}; want {want:?}\n{}",
+            out.stdout_str().trim(),
+            out.stderr_str().trim(),
+            s.cluster.agent_log_tail("node-a")
+        );
+        let line = wait_conn(
+            &s.cluster,
+            "node-a",
+            "default/client",
+            &format!("{}:{port}", web.ipv4()),
+        )?;
+        ensure!(line.other["security"] == "same_node", "{line:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_reset_on_either_side_reaches_the_other() -> Result<()> {
+    let s = default_setup()?;
+    let (client, web) = (
+        s.cluster.pod("node-a", "client")?,
+        s.cluster.pod("node-a", "web")?,
+    );
+    let ip = web.ipv4().to_string();
+    for (k, (server_does, client_does)) in [("reset", "wait"), ("wait", "reset")]
+        .into_iter()
+        .enumerate()
+    {
+        let port = (9200 + k).to_string();
+        let server = python_server(web, RESETS, &[&port, server_does])?;
+        let out = client.run(
+            "/usr/bin/python3",
+            ["-c", RESETS, "client", &ip, &port, client_does],
+            Duration::from_secs(20),
+        )?;
+        let served = server_output(server, Duration::from_secs(15))?;
+        let (waiter, said) = if client_does == "wait" {
+            ("client", out.stdout_str())
+        } else {
+            ("server", served.clone())
+        };
+        ensure!(
+            said.trim() == "reset",
+            "the {waiter} saw {:?} when the other side reset (client: {}, server: {served:?})",
+            said.trim(),
+            out.stderr_str().trim()
+        );
+    }
+    Ok(())
+}
+
+/// Python: sends as fast as the connection takes for SECS seconds, then prints how much went.
+const FLOOD: &str = r#"
+import socket, sys, time
+host, port, secs = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+sock = socket.create_connection((host, port))
+sock.settimeout(0.2)
+chunk, sent, end = b"x" * 65536, 0, time.time() + secs
+while time.time() < end:
+    try:
+        sent += sock.send(chunk)
+    except socket.timeout:
+        pass
+print(sent, flush=True)
+"#;
+
+/// Python: accepts one connection and reads 1 KiB a second from it, for ever.
+const SLOW_READER: &str = r#"
+import socket, sys, time
+ls = socket.create_server(("::", int(sys.argv[2])), family=socket.AF_INET6, dualstack_ipv6=True)
+print("listening", flush=True)
+sock, _ = ls.accept()
+while sock.recv(1024):
+    time.sleep(1)
+"#;
+
+#[test]
+fn a_slow_reader_holds_the_sender_back_without_growing_the_agent() -> Result<()> {
+    let s = default_setup()?;
+    let (client, web) = (
+        s.cluster.pod("node-a", "client")?,
+        s.cluster.pod("node-a", "web")?,
+    );
+    let pid = s.cluster.agent_pid("node-a").context("node-a's agent")?;
+    let rss_before = common::rss_kib(pid)?;
+    let _reader = python_server(web, SLOW_READER, &["9300"])?;
+    let out = client.run(
+        "/usr/bin/python3",
+        ["-c", FLOOD, &web.ipv4().to_string(), "9300", "6"],
+        Duration::from_secs(30),
+    )?;
+    ensure!(out.success(), "the sender: {}", out.stderr_str());
+    let sent: u64 = out
+        .stdout_str()
+        .trim()
+        .parse()
+        .context("the sender's count")?;
+    let rss_after = common::rss_kib(pid)?;
+    // What the socket buffers on the way hold (a few MiB each), not what 6 s could send.
+    ensure!(
+        sent < 48 << 20,
+        "the sender got {} MiB out to a reader of 1 KiB/s",
+        sent >> 20
+    );
+    ensure!(
+        rss_after < rss_before + 16 * 1024,
+        "the agent grew from {rss_before} KiB to {rss_after} KiB"
+    );
+    Ok(())
+}
+
+/// Python: NUMBER connections to HOST:PORT, `sequential` (each connects, exchanges a byte and
+/// closes before the next) or `concurrent` (all open at once, then each exchanges a byte);
+/// prints how many exchanges succeeded.
+const MANY: &str = r#"
+import socket, sys
+host, port, n, how = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+ok = 0
+if how == "sequential":
+    for i in range(n):
+        try:
+            with socket.create_connection((host, port), timeout=10) as s:
+                s.sendall(b"x")
+                ok += s.recv(1) == b"x"
+        except OSError as e:
+            print("connection %d: %r" % (i, e), file=sys.stderr, flush=True)
+else:
+    socks = [socket.create_connection((host, port), timeout=30) for _ in range(n)]
+    for s in socks:
+        s.sendall(b"x")
+    for s in socks:
+        ok += s.recv(1) == b"x"
+        s.close()
+print(ok, flush=True)
+"#;
+
+/// Python: an echo server (asyncio), for many connections at once.
+const ECHO_SERVER: &str = r#"
+import asyncio, sys
+async def echo(r, w):
+    while data := await r.read(65536):
+        w.write(data)
+        await w.drain()
+    w.close()
+async def main():
+    server = await asyncio.start_server(echo, None, int(sys.argv[2]), backlog=2048)
+    print("listening", flush=True)
+    await server.serve_forever()
+asyncio.run(main())
+"#;
+
+#[test]
+fn ten_thousand_short_and_a_thousand_concurrent_connections_leave_nothing_behind() -> Result<()> {
+    let s = default_setup()?;
+    let (client, web) = (
+        s.cluster.pod("node-a", "client")?,
+        s.cluster.pod("node-a", "web")?,
+    );
+    let _echo = python_server(web, ECHO_SERVER, &["9400"])?;
+    let pid = s.cluster.agent_pid("node-a").context("node-a's agent")?;
+    let fds_before = common::fd_count(pid)?;
+    let ip = web.ipv4().to_string();
+    for (n, how) in [(10_000, "sequential"), (1_000, "concurrent")] {
+        let out = client.run(
+            "/bin/sh",
+            [
+                "-c",
+                "ulimit -n 4096 && exec /usr/bin/python3 -c \"$0\" \"$@\"",
+                MANY,
+                &ip,
+                "9400",
+                &n.to_string(),
+                how,
+            ],
+            Duration::from_secs(180),
+        )?;
+        ensure!(
+            out.success() && out.stdout_str().trim() == n.to_string(),
+            "{n} {how}: {} exchanges succeeded ({})\n{}",
+            out.stdout_str().trim(),
+            out.stderr_str().trim(),
+            s.cluster.agent_log_tail("node-a")
+        );
+    }
+    common::poll_for(
+        Duration::from_secs(10),
+        "the agent's fds back to where they were",
+        || {
+            let now = common::fd_count(pid)?;
+            Ok(if now <= fds_before {
+                Ok(())
+            } else {
+                Err(format!("{now} fds, {fds_before} before"))
+            })
+        },
+    )?;
+    Ok(())
+}

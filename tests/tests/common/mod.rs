@@ -405,3 +405,23 @@ pub fn assert_no_plaintext_served(
     );
     Ok(())
 }
+
+/// How many file descriptors process `pid` has open.
+pub fn fd_count(pid: u32) -> Result<usize> {
+    let dir = format!("/proc/{pid}/fd");
+    Ok(fs::read_dir(&dir)
+        .with_context(|| format!("read {dir}"))?
+        .count())
+}
+
+/// The resident memory of process `pid` (VmRSS), in KiB.
+pub fn rss_kib(pid: u32) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+        .with_context(|| format!("no VmRSS in {path}"))
+}
