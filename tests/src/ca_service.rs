@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::Value;
 
-use crate::cluster::{agent_bin, read_log, scratch_root, terminate};
+use crate::cluster::{agent_bin, read_log, scratch_root, terminate, wait_for_line};
 use crate::pod::{RunOutput, run_with_timeout, tail_of};
 use crate::{Cluster, sys};
 
@@ -329,19 +329,7 @@ impl CaService {
 
     /// Polls the log until a line satisfies `pred`.
     pub fn wait_for_log(&self, pred: impl Fn(&Value) -> bool, timeout: Duration) -> Result<Value> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(line) = self.logs()?.into_iter().find(|l| pred(l)) {
-                return Ok(line);
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "the CA service logged no matching line within {timeout:?}; {}",
-                    self.log_tail()
-                );
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
+        wait_for_line(&self.log_path(), pred, timeout).context("the CA service")
     }
 
     /// `GET /metrics` (Prometheus text).

@@ -1370,19 +1370,8 @@ impl Cluster {
         pred: impl Fn(&Value) -> bool,
         timeout: Duration,
     ) -> Result<Value> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(v) = self.agent_logs(node)?.into_iter().find(|v| pred(v)) {
-                return Ok(v);
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "no matching log line from {node}'s agent within {timeout:?}; {}",
-                    self.agent_log_tail(node)
-                );
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
+        wait_for_line(&self.agent_log_path(node), pred, timeout)
+            .with_context(|| format!("{node}'s agent"))
     }
 
     /// The node's `connection closed` log lines.
@@ -1514,6 +1503,24 @@ pub(crate) fn terminate(child: &mut Child, grace: Duration) -> Result<(ExitStatu
 
 /// Parses the JSON lines of a log file from byte `offset` on. Lines with a
 /// nested `fields` object (tracing's default JSON layout) are flattened.
+/// Polls the JSON log at `path` until a line satisfies `pred`; the error has the log's tail.
+pub(crate) fn wait_for_line(
+    path: &Path,
+    pred: impl Fn(&Value) -> bool,
+    timeout: Duration,
+) -> Result<Value> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = read_log(path, 0)?.into_iter().find(|v| pred(v)) {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            bail!("no matching log line within {timeout:?}; {}", tail_of(path));
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
 pub(crate) fn read_log(path: &Path, offset: u64) -> Result<Vec<Value>> {
     let mut file = match fs::File::open(path) {
         Ok(f) => f,

@@ -21,13 +21,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
 use crate::ca_service::{stop_process, wait_until_ready};
-use crate::cluster::read_log;
+use crate::cluster::{read_log, wait_for_line};
 use crate::pod::{run_with_timeout, tail_of};
 use crate::sys;
 
@@ -176,19 +176,7 @@ impl KubeCa {
 
     /// Polls the log until a line satisfies `pred`.
     pub fn wait_for_log(&self, pred: impl Fn(&Value) -> bool, timeout: Duration) -> Result<Value> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(line) = self.logs()?.into_iter().find(|l| pred(l)) {
-                return Ok(line);
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "the CA logged no matching line within {timeout:?}; {}",
-                    self.log_tail()
-                );
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
+        wait_for_line(&self.log_path(), pred, timeout).context("the CA")
     }
 
     /// The HTTP status of `GET url` from the CA's netns; `None` while nothing answers.
