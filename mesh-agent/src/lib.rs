@@ -10,7 +10,8 @@
 //! - [`agent`]: one node's agent, reconciling each local workload;
 //! - [`ca`]: the CA service (`mesh-agent ca serve`), which signs only identities of the asking
 //!   node's workloads;
-//! - [`netns`]: sockets inside workloads' network namespaces.
+//! - [`netns`]: sockets inside workloads' network namespaces;
+//! - [`logging`]: the log's format, and its level changed at run time.
 
 pub mod admin;
 pub mod agent;
@@ -20,6 +21,7 @@ pub mod ebpf;
 mod fswatch;
 pub mod identity;
 pub mod kubernetes;
+pub mod logging;
 pub mod netns;
 pub mod policy;
 pub mod proxy;

@@ -6,7 +6,6 @@ use mesh_agent::{
     agent, ebpf,
     identity::{self, CertificateAuthority},
 };
-use tracing_subscriber::EnvFilter;
 
 /// The mesh's node agent.
 #[derive(Parser)]
@@ -182,7 +181,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
         Command::Ca(CaCommand::Init { dir }) => {
             CertificateAuthority::init(&dir)?;
             println!(
-                "wrote {} and {} in {}",
+                "wrote {} (mode 0644) and {} (mode 0600) in {}",
                 identity::CA_CERT_FILE,
                 identity::CA_KEY_FILE,
                 dir.display()
@@ -251,14 +250,8 @@ fn unblock_signals() {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .init(),
-    }
+    mesh_agent::logging::init(match format {
+        LogFormat::Text => mesh_agent::logging::Format::Text,
+        LogFormat::Json => mesh_agent::logging::Format::Json,
+    });
 }

@@ -1374,19 +1374,32 @@ impl Cluster {
             .with_context(|| format!("{node}'s agent"))
     }
 
-    /// The node's `connection closed` log lines.
+    /// The node's outbound `connection closed` log lines (`direction` `outbound`: what the
+    /// node's agent reported for connections its captured workloads made).
     pub fn connections(&self, node: &str) -> Result<Vec<ConnectionLog>> {
         self.agent_logs(node)?
             .into_iter()
-            .filter(|v| v.get("message").and_then(Value::as_str) == Some("connection closed"))
+            .filter(|v| is_connection_closed(v, "outbound"))
             .map(|v| {
                 serde_json::from_value(v.clone())
-                    .with_context(|| format!("unexpected `connection closed` line: {v}"))
+                    .with_context(|| format!("unexpected outbound `connection closed` line: {v}"))
             })
             .collect()
     }
 
-    /// Polls until the node's agent logs a `connection closed` line that
+    /// The node's inbound `connection closed` log lines (`direction` `inbound`: what the
+    /// node's agent reported for connections to its workloads, delivered or refused), with
+    /// every field as logged. Not [`ConnectionLog`]s: a plaintext caller's line has no
+    /// `src_workload` or `src_identity`.
+    pub fn inbound_connections(&self, node: &str) -> Result<Vec<Value>> {
+        Ok(self
+            .agent_logs(node)?
+            .into_iter()
+            .filter(|v| is_connection_closed(v, "inbound"))
+            .collect())
+    }
+
+    /// Polls until the node's agent logs an outbound `connection closed` line that
     /// satisfies `pred`.
     pub fn wait_for_connection(
         &self,
@@ -1401,7 +1414,7 @@ impl Cluster {
             }
             if Instant::now() >= deadline {
                 bail!(
-                    "{node}'s agent logged no matching `connection closed` line within {timeout:?}; {}",
+                    "{node}'s agent logged no matching outbound `connection closed` line within {timeout:?}; {}",
                     self.agent_log_tail(node)
                 );
             }
@@ -1556,12 +1569,23 @@ pub enum Reload {
     Rejected(Value),
 }
 
-/// One `connection closed` line of an agent log.
+/// The agent's log message when a connection closes, either direction (`direction`
+/// `outbound` or `inbound`).
+pub const CONNECTION_CLOSED: &str = "connection closed";
+
+/// Whether `line` is a `connection closed` line of `direction` (`outbound` or `inbound`).
+pub fn is_connection_closed(line: &Value, direction: &str) -> bool {
+    line.get("message").and_then(Value::as_str) == Some(CONNECTION_CLOSED)
+        && line.get("direction").and_then(Value::as_str) == Some(direction)
+}
+
+/// One outbound `connection closed` line of an agent log.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ConnectionLog {
     /// `namespace/name` of the captured pod.
     pub src_workload: String,
-    /// Original destination, `ip:port` or `[ip]:port`.
+    /// Original destination, `ip:port` or `[ip]:port` (a Service VIP for a Service).
+    #[serde(rename = "dst_addr")]
     pub dst: String,
     /// Client to server.
     pub bytes_sent: u64,

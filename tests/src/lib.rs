@@ -65,8 +65,8 @@ pub use ca_service::{
 };
 pub use capture::{PacketCapture, Pcap};
 pub use cluster::{
-    CLUSTER_FILE_LOADED, CLUSTER_FILE_REJECTED, Cluster, ClusterBuilder, ConnectionLog, Node,
-    NodeSpec, PodSpec, Reload, agent_bin, scratch_root,
+    CLUSTER_FILE_LOADED, CLUSTER_FILE_REJECTED, CONNECTION_CLOSED, Cluster, ClusterBuilder,
+    ConnectionLog, Node, NodeSpec, PodSpec, Reload, agent_bin, is_connection_closed, scratch_root,
 };
 pub use pod::{ChildGuard, HttpServer, Pod, RunOutput, addr, http_url, run_with_timeout};
 pub use services::{Service, ServiceSpec};

@@ -284,9 +284,10 @@ fn agents_take_their_workload_certificates_from_istiod() -> Result<()> {
     let line = loop {
         let out = mesh.curl(NS, "client", &url, Duration::from_secs(5))?;
         let mtls = mesh.cluster().agent_logs("node-b")?.into_iter().find(|l| {
-            l["message"] == "inbound connection closed"
+            l["message"] == "connection closed"
+                && l["direction"] == "inbound"
                 && l["security"] == "mutual_tls"
-                && l["peer_identity"] == CLIENT
+                && l["src_identity"] == CLIENT
         });
         match mtls {
             Some(line) if out.success() => break line,

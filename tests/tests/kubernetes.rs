@@ -103,15 +103,17 @@ fn start_shop(label: &str) -> Result<KubeMesh> {
     Ok(mesh)
 }
 
-/// The inbound `connection closed` lines of node-b's agent for the web pod.
+/// The inbound `connection closed` lines of node-b's agent for the web pod (delivered or
+/// refused).
 fn inbound_to_web(mesh: &KubeMesh) -> Result<Vec<Value>> {
     Ok(mesh
         .cluster()
         .agent_logs("node-b")?
         .into_iter()
         .filter(|l| {
-            l["message"] == "inbound connection closed"
-                && l["workload"]
+            l["message"] == "connection closed"
+                && l["direction"] == "inbound"
+                && l["dst_workload"]
                     .as_str()
                     .is_some_and(|w| w.starts_with("shop/web-"))
         })
@@ -148,7 +150,7 @@ fn service_call_across_nodes_is_mutual_tls() -> Result<()> {
         || {
             Ok(inbound_to_web(&mesh)?.into_iter().find(|l| {
                 l["security"] == "mutual_tls"
-                    && l["peer_identity"] == "spiffe://cluster.local/ns/shop/sa/client"
+                    && l["src_identity"] == "spiffe://cluster.local/ns/shop/sa/client"
             }))
         },
     )
@@ -253,7 +255,7 @@ fn wait_policy(mesh: &KubeMesh, peer: u64, authz: u64) -> Result<()> {
 
 fn mtls_from(line: &Value, service_account: &str) -> bool {
     line["security"] == "mutual_tls"
-        && line["peer_identity"]
+        && line["src_identity"]
             == format!("spiffe://cluster.local/ns/shop/sa/{service_account}").as_str()
 }
 
@@ -622,8 +624,10 @@ fn pod_recreated_under_its_name_and_an_ip_given_to_another_identity() -> Result<
         Duration::from_secs(10),
         || {
             Ok(mesh.cluster().agent_logs("node-b")?.into_iter().find(|l| {
-                l["message"] == "inbound connection denied"
-                    && l["peer_identity"]
+                l["message"] == "connection closed"
+                    && l["direction"] == "inbound"
+                    && l["rejection"] == "policy_denied"
+                    && l["src_identity"]
                         .as_str()
                         .is_some_and(|p| p.ends_with("/sa/impostor"))
             }))

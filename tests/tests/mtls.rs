@@ -95,16 +95,20 @@ fn cross_node_call_is_mutual_tls_and_both_agents_verify_the_peer() -> Result<()>
             LOG_WAIT,
         )?;
         ensure!(
-            outbound.other["security"] == "mutual_tls" && outbound.other["peer_identity"] == WEB_ID,
+            outbound.other["security"] == "mutual_tls" && outbound.other["dst_identity"] == WEB_ID,
             "node-a did not verify web's identity: {outbound:?}"
         );
         let inbound = cluster.wait_for_log(
             "node-b",
-            |l| l["message"] == "inbound connection closed" && l["dst"] == dst.as_str(),
+            |l| {
+                l["message"] == "connection closed"
+                    && l["direction"] == "inbound"
+                    && l["dst_addr"] == dst.as_str()
+            },
             LOG_WAIT,
         )?;
         ensure!(
-            inbound["peer_identity"] == CLIENT_ID && inbound["bytes_received"].as_u64() > Some(0),
+            inbound["src_identity"] == CLIENT_ID && inbound["bytes_received"].as_u64() > Some(0),
             "node-b did not verify client's identity: {inbound}"
         );
     }

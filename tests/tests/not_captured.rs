@@ -80,7 +80,12 @@ fn plaintext_sources(cluster: &Cluster) -> Result<Vec<std::net::IpAddr>> {
     Ok(cluster
         .agent_logs("node-b")?
         .iter()
-        .filter(|l| l["message"] == "inbound connection closed" && l["security"] == "none")
+        .filter(|l| {
+            l["message"] == "connection closed"
+                && l["direction"] == "inbound"
+                && l.get("rejection").is_none()
+                && l["security"] == "none"
+        })
         .filter_map(|l| l["src_addr"].as_str()?.parse::<std::net::SocketAddr>().ok())
         .map(|a| a.ip())
         .collect())
@@ -114,17 +119,21 @@ fn agent_upstream_is_not_captured_again() -> Result<()> {
     // destination pod: exactly one inbound tunnel stream there, from the client's identity.
     let inbound = cluster.wait_for_log(
         "node-b",
-        |line| line["message"] == "inbound connection closed" && line["dst"] == dst.as_str(),
+        |line| {
+            line["message"] == "connection closed"
+                && line["direction"] == "inbound"
+                && line["dst_addr"] == dst.as_str()
+        },
         Duration::from_secs(5),
     )?;
     ensure!(
-        inbound["peer_identity"] == "spiffe://cluster.local/ns/default/sa/default",
+        inbound["src_identity"] == "spiffe://cluster.local/ns/default/sa/default",
         "node-b saw {inbound}"
     );
     let inbound_lines = cluster
         .agent_logs("node-b")?
         .into_iter()
-        .filter(|line| line["message"] == "inbound connection closed")
+        .filter(|line| line["message"] == "connection closed" && line["direction"] == "inbound")
         .count();
     ensure!(
         inbound_lines == 1,

@@ -114,6 +114,15 @@ impl Setup {
             .collect())
     }
 
+    /// node-b's inbound `connection closed` lines, delivered or refused.
+    fn node_b_inbound(&self) -> Result<Vec<Value>> {
+        Ok(self
+            .node_b_lines("connection closed")?
+            .into_iter()
+            .filter(|l| l["direction"] == "inbound")
+            .collect())
+    }
+
     fn wait_node_b(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Result<Value> {
         self.cluster
             .wait_for_log("node-b", pred, LOG_WAIT)
@@ -128,7 +137,7 @@ fn inbound_connections_pass_the_agent_and_say_how_they_were_secured() -> Result<
     s.expect_ok("outsider", HTTP_PORT)?;
     s.expect_ok("client", HTTP_PORT)?;
     let plaintext = s.wait_node_b("the plaintext connection", |l| {
-        l["message"] == "inbound connection closed" && l["security"] == "none"
+        is_inbound_closed(l) && l["security"] == "none"
     })?;
     ensure!(
         plaintext["src_addr"]
@@ -137,9 +146,9 @@ fn inbound_connections_pass_the_agent_and_say_how_they_were_secured() -> Result<
         "the agent should see the outsider's own address: {plaintext}"
     );
     s.wait_node_b("the mTLS connection", |l| {
-        l["message"] == "inbound connection closed"
+        is_inbound_closed(l)
             && l["security"] == "mutual_tls"
-            && l["peer_identity"] == "spiffe://cluster.local/ns/default/sa/client"
+            && l["src_identity"] == "spiffe://cluster.local/ns/default/sa/client"
     })?;
 
     // Inside the pod, loopback is the pod's own business.
@@ -147,7 +156,7 @@ fn inbound_connections_pass_the_agent_and_say_how_they_were_secured() -> Result<
     let local = web.curl(&http_url(std::net::Ipv4Addr::LOCALHOST, HTTP_PORT))?;
     ensure!(local.success(), "loopback inside web failed");
     thread::sleep(Duration::from_millis(300));
-    let captured = s.node_b_lines("inbound connection closed")?.len();
+    let captured = s.node_b_inbound()?.len();
     ensure!(
         captured == 2,
         "{captured} inbound lines; loopback must not be captured"
@@ -178,9 +187,12 @@ fn strict_resets_plaintext_clients_and_keeps_mesh_clients() -> Result<()> {
     s.expect_reset("outsider", HTTP_PORT)?;
     s.expect_ok("client", HTTP_PORT)?;
     let rejected = s.wait_node_b("a STRICT rejection", |l| {
-        l["rejection"] == "plaintext_strict"
+        is_inbound_closed(l) && l["rejection"] == "plaintext_strict"
     })?;
-    ensure!(rejected["security"] == "none", "{rejected}");
+    ensure!(
+        rejected["security"] == "none" && rejected["response_flags"] == "DENY",
+        "{rejected}"
+    );
 
     // Back to PERMISSIVE: both work again.
     s.cluster.apply_policy(
@@ -254,17 +266,18 @@ spec:
         "web should have served client's request only: {served:?}"
     );
     let denied = s.wait_node_b("a denial of client2", |l| {
-        l["message"] == "inbound connection denied"
-            && l["peer_identity"] == "spiffe://cluster.local/ns/team/sa/other"
+        is_inbound_closed(l)
+            && l["rejection"] == "policy_denied"
+            && l["src_identity"] == "spiffe://cluster.local/ns/team/sa/other"
     })?;
     ensure!(
-        denied["policy"]
+        denied["denied_by"]
             .as_str()
             .is_some_and(|p| p.contains("default/allow-client")),
         "the denial should name the policy: {denied}"
     );
     s.wait_node_b("a denial of the plaintext outsider", |l| {
-        l["message"] == "inbound connection denied" && l["security"] == "none"
+        is_inbound_closed(l) && l["rejection"] == "policy_denied" && l["security"] == "none"
     })?;
     Ok(())
 }
@@ -312,8 +325,9 @@ spec:
     s.expect_reset("outsider", OTHER_PORT)?;
     s.expect_ok("client", OTHER_PORT)?;
     let denied = s.wait_node_b("the namespace denial", |l| {
-        l["message"] == "inbound connection denied"
-            && l["policy"]
+        is_inbound_closed(l)
+            && l["rejection"] == "policy_denied"
+            && l["denied_by"]
                 .as_str()
                 .is_some_and(|p| p.contains("default/deny-team"))
     })?;
@@ -454,6 +468,11 @@ fn outbound_outside_the_mesh_stays_plaintext_and_into_it_becomes_mtls() -> Resul
     Ok(())
 }
 
+/// Whether `line` is an inbound `connection closed` line (delivered or refused).
+fn is_inbound_closed(line: &Value) -> bool {
+    line["message"] == "connection closed" && line["direction"] == "inbound"
+}
+
 /// Whether `addr` ("ip:port" or "[ip]:port") is one of `pod`'s addresses.
 fn is_address_of(pod: &Pod, addr: &str) -> bool {
     addr.parse::<std::net::SocketAddr>()
@@ -466,8 +485,7 @@ fn metrics_say_which_connections_were_mutual_tls_and_pass_promtool() -> Result<(
     s.expect_ok("outsider", HTTP_PORT)?;
     s.expect_ok("client", HTTP_PORT)?;
     s.wait_node_b("both connections", |_| {
-        s.node_b_lines("inbound connection closed")
-            .is_ok_and(|lines| lines.len() >= 2)
+        s.node_b_inbound().is_ok_and(|lines| lines.len() >= 2)
     })?;
     let node_b = s.cluster.node("node-b")?.netns_name().to_owned();
     let get = |url: &str| -> Result<String> {

@@ -487,7 +487,7 @@ fn kill_9_at_random_points_never_bypasses() -> Result<()> {
 
 // ---------------------------------------------------------------- IP reuse
 
-/// node-a's `connection closed` lines from client to `dst`.
+/// node-a's outbound `connection closed` lines from client to `dst`.
 fn client_lines(cluster: &Cluster, dst: &str) -> Result<Vec<ConnectionLog>> {
     Ok(cluster
         .connections("node-a")?
@@ -522,8 +522,8 @@ fn wait_served_line(cluster: &Cluster, dst: &str, seen: usize) -> Result<Vec<Con
 }
 
 /// `web` asks `client` for `url`, which node-a's agent must deny (the ALLOW policy admits sa/client
-/// only): returns node-a's first `inbound connection denied` line from its log line number
-/// `from` on.
+/// only): returns node-a's first inbound `connection closed` line refused as `policy_denied`
+/// from its log line number `from` on.
 fn web_calls_client(cluster: &Cluster, web: &Pod, url: &str, from: usize) -> Result<Value> {
     let got = http_get(web, url, Duration::from_secs(2))?;
     ensure!(
@@ -536,7 +536,10 @@ fn web_calls_client(cluster: &Cluster, web: &Pod, url: &str, from: usize) -> Res
         Ok(logs[from.min(logs.len())..]
             .iter()
             .find(|l| {
-                l["message"] == "inbound connection denied" && l["workload"] == "default/client"
+                l["message"] == "connection closed"
+                    && l["direction"] == "inbound"
+                    && l["rejection"] == "policy_denied"
+                    && l["dst_workload"] == "default/client"
             })
             .cloned()
             .ok_or_else(|| format!("web's call: {}", got.describe())))
@@ -599,7 +602,7 @@ fn an_ip_reused_by_another_identity_gets_nothing_of_the_old_one() -> Result<()> 
     let first = first.last().expect("one line at least");
     ensure!(
         field(first, "security") == Some("mutual_tls")
-            && field(first, "peer_identity") == Some(WEB_ID),
+            && field(first, "dst_identity") == Some(WEB_ID),
         "client -> web at first: {first:?}"
     );
     let established_web = cluster.wait_for_log(
@@ -618,7 +621,7 @@ fn an_ip_reused_by_another_identity_gets_nothing_of_the_old_one() -> Result<()> 
     let client_url = http_url(client.ipv4(), HTTP_PORT);
     let denied_web = web_calls_client(&cluster, web, &client_url, 0)?;
     ensure!(
-        denied_web["peer_identity"] == WEB_ID,
+        denied_web["src_identity"] == WEB_ID,
         "node-a denied web's call, but not as sa/web: {denied_web}"
     );
     // And a connection open across the change, on a stream of that HBONE connection.
@@ -646,12 +649,12 @@ fn an_ip_reused_by_another_identity_gets_nothing_of_the_old_one() -> Result<()> 
     let served = after.last().expect("one line at least");
     ensure!(
         field(served, "security") == Some("mutual_tls")
-            && field(served, "peer_identity") == Some(IMPOSTOR_ID),
+            && field(served, "dst_identity") == Some(IMPOSTOR_ID),
         "client -> web's IP after the change was not served by the impostor identity: {served:?}"
     );
     let stale: Vec<&ConnectionLog> = after
         .iter()
-        .filter(|c| field(c, "peer_identity") == Some(WEB_ID))
+        .filter(|c| field(c, "dst_identity") == Some(WEB_ID))
         .collect();
     ensure!(
         stale.is_empty(),
@@ -665,10 +668,10 @@ fn an_ip_reused_by_another_identity_gets_nothing_of_the_old_one() -> Result<()> 
     // the connection node-b pooled for it as sa/web.
     let denied_impostor = web_calls_client(&cluster, web, &client_url, node_a_lines)?;
     ensure!(
-        denied_impostor["peer_identity"] == IMPOSTOR_ID,
+        denied_impostor["src_identity"] == IMPOSTOR_ID,
         "after the change node-a saw web's workload call as {}, not as sa/impostor: \
          {denied_impostor}",
-        denied_impostor["peer_identity"]
+        denied_impostor["src_identity"]
     );
     // The connection opened to sa/web does not go on with sa/impostor.
     let why = held
@@ -718,7 +721,7 @@ fn an_ip_reused_by_another_identity_gets_nothing_of_the_old_one() -> Result<()> 
         let lines = wait_served_line(&cluster, &dst, seen)?;
         let line = lines.last().expect("one line at least");
         ensure!(
-            lines.len() == 1 && field(line, "peer_identity") == Some(IMPOSTOR_ID),
+            lines.len() == 1 && field(line, "dst_identity") == Some(IMPOSTOR_ID),
             "round {round} after the change: {lines:?}"
         );
     }

@@ -145,7 +145,7 @@ fn a_same_node_call_skips_tls_and_carries_the_kernel_proven_identity() -> Result
     let dst = s.web_dst()?;
     let outbound = wait_conn(&s.cluster, "node-a", "default/client", &dst)?;
     ensure!(
-        outbound.other["security"] == "same_node" && outbound.other["peer_identity"] == WEB_ID,
+        outbound.other["security"] == "same_node" && outbound.other["dst_identity"] == WEB_ID,
         "the source side's line: {outbound:?}"
     );
     ensure!(outbound.bytes_received >= BODY.len() as u64, "{outbound:?}");
@@ -153,7 +153,11 @@ fn a_same_node_call_skips_tls_and_carries_the_kernel_proven_identity() -> Result
         .cluster
         .wait_for_log(
             "node-a",
-            |l| l["message"] == "inbound connection closed" && l["dst"] == dst.as_str(),
+            |l| {
+                l["message"] == "connection closed"
+                    && l["direction"] == "inbound"
+                    && l["dst_addr"] == dst.as_str()
+            },
             LOG_WAIT,
         )
         .context("the destination side's line")?;
@@ -161,7 +165,7 @@ fn a_same_node_call_skips_tls_and_carries_the_kernel_proven_identity() -> Result
     let client_ip = format!("{}:", s.cluster.pod("node-a", "client")?.ipv4());
     ensure!(
         inbound["security"] == "same_node"
-            && inbound["peer_identity"] == CLIENT_ID
+            && inbound["src_identity"] == CLIENT_ID
             && inbound["src_addr"]
                 .as_str()
                 .is_some_and(|a| a.starts_with(&client_ip)),
@@ -223,10 +227,14 @@ spec:
     s.expect_ok("client")?;
     s.expect_reset("client2")?;
     let denied = s.lines(
-        "inbound connection denied",
-        "peer_identity",
+        "connection closed",
+        "src_identity",
         "spiffe://cluster.local/ns/team/sa/other",
     )?;
+    let denied: Vec<&Value> = denied
+        .iter()
+        .filter(|l| l["direction"] == "inbound" && l["rejection"] == "policy_denied")
+        .collect();
     ensure!(
         denied.iter().any(|l| l["security"] == "same_node"),
         "no same-node denial logged: {denied:?}"

@@ -148,7 +148,7 @@ fn customer_calls_preference_over_mtls_on_its_own_node_too() -> Result<()> {
     )?;
     ensure!(out.other["security"] == "mutual_tls", "{out:?}");
     ensure!(
-        out.other["peer_identity"] == "spiffe://cluster.local/ns/tutorial/sa/preference",
+        out.other["dst_identity"] == "spiffe://cluster.local/ns/tutorial/sa/preference",
         "{out:?}"
     );
     Ok(())
@@ -171,7 +171,7 @@ fn the_names_are_services_and_the_agent_spreads_recommendation() -> Result<()> {
     let (preference_vips, recommendation_vips) = (vips("preference")?, vips("recommendation")?);
     let service_of = |c: &mesh_tests::ConnectionLog| {
         c.other
-            .get("service")
+            .get("dst_service")
             .and_then(|v| v.as_str())
             .map(str::to_owned)
     };
@@ -181,7 +181,7 @@ fn the_names_are_services_and_the_agent_spreads_recommendation() -> Result<()> {
             .iter()
             .any(|c| c.src_workload == "tutorial/customer"
                 && preference_vips.contains(&c.dst)
-                && service_of(c).as_deref() == Some("tutorial/preference")),
+                && service_of(c).as_deref() == Some("preference.tutorial.svc.cluster.local")),
         "no line of customer to preference's virtual IPs: {customer_lines:#?}"
     );
     let endpoints: std::collections::BTreeSet<String> = s

@@ -94,7 +94,8 @@ fn a_service_spreads_over_its_endpoints_maps_the_port_and_skips_the_unreachable(
         .find(|c| c.dst == format!("{VIP4}:80"))
         .context("no log line for the VIP")?;
     ensure!(
-        line.other.get("service").and_then(|v| v.as_str()) == Some("default/web")
+        line.other.get("dst_service").and_then(|v| v.as_str())
+            == Some("web.default.svc.cluster.local")
             && line.other.get("security").and_then(|v| v.as_str()) == Some("mutual_tls"),
         "the VIP's log line: {line:?}"
     );

@@ -71,6 +71,12 @@ label_enum! {
     }
 }
 
+impl Default for ResponseFlags {
+    fn default() -> Self {
+        Self::None
+    }
+}
+
 label_enum! {
     /// `connection_security_policy`: Kiali draws its padlock for `mutual_tls`.
     pub enum SecurityPolicy {

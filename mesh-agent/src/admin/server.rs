@@ -48,7 +48,7 @@ impl Default for AdminConfig {
     }
 }
 
-/// Produces the JSON served on `/config_dump`.
+/// Produces the JSON served on `/config_dump` (and `/connections`).
 pub type ConfigDumpFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 /// What the server reports on. Cheap to clone; clones share everything.
@@ -60,6 +60,8 @@ pub struct AdminState {
     /// What `/healthz/ready` says besides, ready or not (a CA away, say).
     notes: Arc<Mutex<Vec<String>>>,
     pub config_dump: ConfigDumpFn,
+    /// The open connections, for `/connections`.
+    pub connections: ConfigDumpFn,
 }
 
 impl AdminState {
@@ -73,7 +75,17 @@ impl AdminState {
             not_ready: Arc::new(Mutex::new(vec!["starting".to_owned()])),
             notes: Arc::new(Mutex::new(Vec::new())),
             config_dump: Arc::new(config_dump),
+            connections: Arc::new(|| serde_json::json!([])),
         }
+    }
+
+    /// Serves `connections()` on `/connections`.
+    pub fn with_connections(
+        mut self,
+        connections: impl Fn() -> serde_json::Value + Send + Sync + 'static,
+    ) -> Self {
+        self.connections = Arc::new(connections);
+        self
     }
 
     pub fn set_ready(&self, ready: bool) {
@@ -335,22 +347,26 @@ impl Router {
         let (method, path) = (request.method(), request.uri().path());
         let known = matches!(
             (endpoint, path),
-            (Endpoint::Admin, "/" | "/config_dump")
-                | (Endpoint::Metrics, "/metrics" | "/stats/prometheus")
+            (
+                Endpoint::Admin,
+                "/" | "/config_dump" | "/connections" | "/logging"
+            ) | (Endpoint::Metrics, "/metrics" | "/stats/prometheus")
                 | (Endpoint::Readiness, "/healthz/ready")
         );
         if !known {
             return text(StatusCode::NOT_FOUND, "not found\n");
         }
+        if (endpoint, path) == (Endpoint::Admin, "/logging") {
+            return logging(method, request.uri().query());
+        }
         if method != Method::GET && method != Method::HEAD {
-            let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
-            response
-                .headers_mut()
-                .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
-            return response;
+            return method_not_allowed("GET, HEAD");
         }
         match (endpoint, path) {
             (Endpoint::Admin, "/config_dump") => self.config_dump(),
+            (Endpoint::Admin, "/connections") => {
+                json_response(&(self.state.connections)(), "/connections")
+            }
             (Endpoint::Admin, _) => text(StatusCode::OK, self.index()),
             (Endpoint::Metrics, _) if wants_openmetrics(request) => with_type(
                 StatusCode::OK,
@@ -413,9 +429,11 @@ impl Router {
             "mesh-agent admin endpoints:\n\
              \x20 http://{}/              this list\n\
              \x20 http://{}/config_dump   workloads, certificates and policies (JSON)\n\
+             \x20 http://{}/connections   open connections (JSON)\n\
+             \x20 http://{}/logging       the log filter; POST ?level=debug changes it\n\
              \x20 http://{}/metrics       Prometheus / OpenMetrics metrics\n\
              \x20 http://{}/healthz/ready readiness (200 ready, 503 not ready)\n",
-            a.admin, a.admin, a.metrics, a.readiness
+            a.admin, a.admin, a.admin, a.admin, a.metrics, a.readiness
         )
     }
 }
@@ -447,6 +465,87 @@ fn with_type(
         header::HeaderValue::from_static(content_type),
     );
     response
+}
+
+fn method_not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
+    let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+    response
+        .headers_mut()
+        .insert(header::ALLOW, header::HeaderValue::from_static(allow));
+    response
+}
+
+fn json_response(value: &serde_json::Value, what: &str) -> Response<Full<Bytes>> {
+    match serde_json::to_string_pretty(value) {
+        Ok(mut json) => {
+            json.push('\n');
+            with_type(StatusCode::OK, "application/json", json)
+        }
+        Err(error) => {
+            tracing::error!(%error, "admin server: {what} failed");
+            text(StatusCode::INTERNAL_SERVER_ERROR, format!("{error}\n"))
+        }
+    }
+}
+
+/// `GET /logging`: the filter in force. `POST /logging?level=SPEC`: replaces it (`RUST_LOG`
+/// syntax, e.g. `debug` or `info,mesh_agent::proxy=debug`), as Envoy's and ztunnel's do.
+fn logging(method: &Method, query: Option<&str>) -> Response<Full<Bytes>> {
+    let current = || crate::logging::current_filter().unwrap_or_else(|| "unknown".to_owned());
+    match *method {
+        Method::GET | Method::HEAD => text(StatusCode::OK, format!("{}\n", current())),
+        Method::POST | Method::PUT => {
+            let level = query
+                .into_iter()
+                .flat_map(|q| q.split('&'))
+                .find_map(|pair| {
+                    let (key, value) = pair.split_once('=')?;
+                    (key == "level").then(|| percent_decode(value))
+                });
+            let Some(level) = level else {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    "say which filter: POST /logging?level=debug\n",
+                );
+            };
+            match crate::logging::set_filter(&level) {
+                Ok(()) => text(StatusCode::OK, format!("{}\n", current())),
+                Err(err @ crate::logging::FilterError::Invalid { .. }) => {
+                    text(StatusCode::BAD_REQUEST, format!("{err}\n"))
+                }
+                Err(err) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{err}\n")),
+            }
+        }
+        _ => method_not_allowed("GET, HEAD, POST, PUT"),
+    }
+}
+
+/// `%2C` as `,` and so on: filters have commas, `=` and `:`.
+fn percent_decode(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (b'+', _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]

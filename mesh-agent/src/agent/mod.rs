@@ -34,6 +34,7 @@ use crate::{
         hbone::HboneClient,
         inbound::{InboundContext, LocalTargets},
         outbound::Mesh,
+        record::Connections,
     },
     sources::{CLUSTER_FILE_POLL_INTERVAL, ClusterFileSource},
     state::{State, StateStore},
@@ -106,8 +107,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Some(policy) => policy,
         None => start_policy(&state.cluster, &shutdown)?,
     };
-    let admin = start_admin(&config, &metrics, &store, &identities, &policy, &shutdown).await?;
+    let connections = Connections::new(metrics.clone());
+    let admin = start_admin(
+        &config,
+        &connections,
+        &store,
+        &identities,
+        &policy,
+        &shutdown,
+    )
+    .await?;
     let local = LocalTargets::default();
+    tracker.spawn(connections.clone().flush_periodically(shutdown.clone()));
     let context = Arc::new(NodeContext {
         mesh: Arc::new(Mesh {
             state: store.clone(),
@@ -116,7 +127,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 bundle.clone(),
                 state.cluster.hbone.idle_timeout,
             ),
-            metrics: metrics.clone(),
+            connections: connections.clone(),
             local: local.clone(),
         }),
         identities,
@@ -124,7 +135,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         inbound: InboundContext {
             state: store.clone(),
             policy,
-            metrics: metrics.clone(),
+            connections: connections.clone(),
             max_concurrent_streams: state.cluster.hbone.max_concurrent_streams,
             local,
         },
@@ -340,11 +351,11 @@ pub(crate) struct NodeContext {
     tracker: TaskTracker,
 }
 
-/// Serves metrics (15020), readiness (15021) and the config dump (127.0.0.1:15000) in the node's
-/// namespace; readiness turns on once every workload is served.
+/// Serves metrics (15020), readiness (15021), the config dump and the open connections
+/// (127.0.0.1:15000) in the node's namespace; readiness turns on once every workload is served.
 async fn start_admin(
     config: &Config,
-    metrics: &Metrics,
+    connections: &Connections,
     store: &StateStore,
     identities: &IdentityStore,
     policy: &watch::Receiver<Arc<PolicySet>>,
@@ -354,7 +365,9 @@ async fn start_admin(
         let (store, identities, policy) = (store.clone(), identities.clone(), policy.clone());
         move || config_dump(&store.load(), &identities, &policy.borrow())
     };
-    let state = AdminState::new(metrics.clone(), dump);
+    let open = connections.clone();
+    let state = AdminState::new(connections.metrics().clone(), dump)
+        .with_connections(move || serde_json::to_value(open.list()).unwrap_or_default());
     let server = AdminServer::bind(&config.admin).await?;
     let (state_for_server, shutdown) = (state.clone(), shutdown.clone());
     tokio::spawn(async move {

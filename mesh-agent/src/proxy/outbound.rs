@@ -10,27 +10,27 @@ use std::{
     io,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::Context as _;
 use mesh_ebpf_common::OUTBOUND_PORT;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::warn;
 
 use super::{
     Lifetime,
     hbone::{HBONE_PORT, HboneClient, HboneError, HboneStream},
     inbound::{LocalTarget, LocalTargets, SameNodeError},
-    relay::{Transferred, relay, tcp_halves},
-    telemetry::{self, Party},
+    record::{ConnectionRecord, Connections, Direction, End, Ending, Facts, Security},
+    relay::{relay, tcp_halves},
     tunnel::Refused,
 };
 use crate::{
-    admin::{Metrics, Reporter, ResponseFlags, SecurityPolicy},
+    admin::ResponseFlags,
     ebpf::OrigDstTable,
-    identity::{self, SpiffeId},
+    identity,
     netns::{self, NetNs},
     state::{Destination, ServiceInfo, StateStore, WorkloadInfo},
 };
@@ -57,7 +57,8 @@ struct Source {
 pub struct Mesh {
     pub state: StateStore,
     pub hbone: Arc<HboneClient>,
-    pub metrics: Metrics,
+    /// Where every connection is recorded (metrics, access log, admin listing).
+    pub connections: Connections,
     /// The node's served workloads, for same-node connections.
     pub local: LocalTargets,
 }
@@ -69,33 +70,6 @@ struct Endpoint {
     authority: SocketAddr,
     /// The Service it was chosen from, and its index there.
     of_service: Option<(Arc<ServiceInfo>, usize)>,
-}
-
-/// How a relayed connection was secured, for logs (Istio's `connection_security_policy`).
-#[derive(Clone, Copy)]
-enum Security {
-    MutualTls,
-    /// Delivered on this node without TLS, the source proven by the kernel.
-    SameNode,
-    None,
-}
-
-impl Security {
-    fn as_str(self) -> &'static str {
-        match self {
-            Security::MutualTls => "mutual_tls",
-            Security::SameNode => "same_node",
-            Security::None => "none",
-        }
-    }
-
-    fn policy(self) -> SecurityPolicy {
-        match self {
-            Security::MutualTls => SecurityPolicy::MutualTls,
-            Security::SameNode => SecurityPolicy::SameNode,
-            Security::None => SecurityPolicy::Unknown,
-        }
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -172,39 +146,40 @@ impl Outbound {
 }
 
 async fn handle(mut conn: TcpStream, peer: SocketAddr, source: Arc<Source>) {
-    let started = Instant::now();
-    let mut log = ConnectionLog::new(&source.info.uid, started);
-    let Some(dst) = source.orig_dst.take(source.netns_cookie, peer) else {
-        log.closed(Err(&OutboundError::NoOriginalDestination));
+    let dst = source.orig_dst.take(source.netns_cookie, peer);
+    let facts = source.facts(dst, peer.port());
+    let mut record = ConnectionRecord::new(&source.mesh.connections, facts);
+    let Some(dst) = dst else {
+        record.close(OutboundError::NoOriginalDestination.ending());
         reset(conn);
         return;
     };
-    log.dst = Some(dst);
     let _ = conn.set_nodelay(true);
     let state = source.mesh.state.load();
     let forwarded = async {
         match state.destination(dst) {
             Destination::Workload(workload) => {
+                record.facts_mut().dst.workload = Some(workload.clone());
                 let endpoint = Endpoint {
                     workload: workload.clone(),
                     authority: dst,
                     of_service: None,
                 };
-                forward_hbone(&mut conn, vec![endpoint], &source, &mut log).await
+                forward_hbone(&mut conn, vec![endpoint], &source, &mut record).await
             }
             Destination::Service {
                 service,
                 target_port,
             } => {
-                log.service = Some(service.clone());
+                record.facts_mut().service = Some(service.hostname.clone());
                 match target_port.map(|port| endpoints_of(service, dst, port)) {
                     Some(endpoints) if !endpoints.is_empty() => {
-                        forward_hbone(&mut conn, endpoints, &source, &mut log).await
+                        forward_hbone(&mut conn, endpoints, &source, &mut record).await
                     }
                     // Only endpoints outside the mesh: to the virtual IP from the workload's
                     // namespace, where the node's Service routing (kube-proxy) picks one.
                     Some(_) if service.outside_endpoints => {
-                        forward_direct(&mut conn, dst, &source, &mut log).await
+                        forward_direct(&mut conn, dst, &source, &mut record).await
                     }
                     _ => Err(OutboundError::NoEndpoint {
                         service: service.uid.clone(),
@@ -212,17 +187,19 @@ async fn handle(mut conn: TcpStream, peer: SocketAddr, source: Arc<Source>) {
                     }),
                 }
             }
-            Destination::Outside => forward_direct(&mut conn, dst, &source, &mut log).await,
+            Destination::Outside => forward_direct(&mut conn, dst, &source, &mut record).await,
         }
     };
     let result = tokio::select! {
         result = forwarded => result,
         () = source.lifetime.abort.cancelled() => Err(OutboundError::WorkloadGone),
     };
-    log.closed(result.as_ref().map(|_| ()));
-    record_metrics(&source, &log, &result);
-    if result.is_err() {
-        reset(conn);
+    match result {
+        Ok(()) => record.close(Ending::completed()),
+        Err(err) => {
+            record.close(err.ending());
+            reset(conn);
+        }
     }
 }
 
@@ -253,7 +230,7 @@ async fn forward_direct(
     conn: &mut TcpStream,
     dst: SocketAddr,
     source: &Source,
-    log: &mut ConnectionLog<'_>,
+    record: &mut ConnectionRecord,
 ) -> Result<(), OutboundError> {
     let socket = source
         .netns
@@ -264,9 +241,10 @@ async fn forward_direct(
         .map_err(|_| OutboundError::ConnectTimeout { dst })?
         .map_err(|source| OutboundError::Connect { dst, source })?;
     let _ = upstream.set_nodelay(true);
-    let (transferred, result) = relay(tcp_halves(conn), tcp_halves(&mut upstream)).await;
-    log.transferred = transferred;
-    result.map_err(OutboundError::Relay)
+    record.open();
+    relay(tcp_halves(conn), tcp_halves(&mut upstream), record.meter())
+        .await
+        .map_err(OutboundError::Relay)
 }
 
 /// Through the agent of the first endpoint that answers, within the connect timeout: a
@@ -275,7 +253,7 @@ async fn forward_hbone(
     conn: &mut TcpStream,
     endpoints: Vec<Endpoint>,
     source: &Source,
-    log: &mut ConnectionLog<'_>,
+    record: &mut ConnectionRecord,
 ) -> Result<(), OutboundError> {
     let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
     let mut last_error = None;
@@ -283,7 +261,7 @@ async fn forward_hbone(
     let count = endpoints.len();
     for (tried, endpoint) in endpoints.into_iter().enumerate() {
         if let Some(local) = source.same_node_target(&endpoint) {
-            return forward_same_node(conn, endpoint, local, source, log).await;
+            return forward_same_node(conn, endpoint, local, source, record).await;
         }
         let via = SocketAddr::new(endpoint.authority.ip(), HBONE_PORT);
         let open = source.mesh.hbone.open(
@@ -316,8 +294,10 @@ async fn forward_hbone(
     let Some((endpoint, stream)) = opened else {
         return Err(last_error.map(OutboundError::Hbone).unwrap_or(
             OutboundError::ConnectTimeout {
-                dst: log
+                dst: record
+                    .facts()
                     .dst
+                    .addr
                     .unwrap_or(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))),
             },
         ));
@@ -327,13 +307,15 @@ async fn forward_hbone(
         writer,
         peer,
     } = stream;
-    log.security = Security::MutualTls;
-    log.peer_identity = Some(peer);
     let authority = endpoint.authority;
-    log.endpoint = Some(endpoint);
-    let (transferred, result) = relay(tcp_halves(conn), (reader, writer)).await;
-    log.transferred = transferred;
-    result.map_err(|err| match Refused::status_of(&err) {
+    let facts = record.facts_mut();
+    facts.security = Security::MutualTls;
+    facts.dst.identity = Some(peer);
+    facts.dst.workload = Some(endpoint.workload);
+    facts.endpoint = Some(authority);
+    record.open();
+    let relayed = relay(tcp_halves(conn), (reader, writer), record.meter()).await;
+    relayed.map_err(|err| match Refused::status_of(&err) {
         Some(status) => OutboundError::Hbone(HboneError::Refused {
             dst: SocketAddr::new(authority.ip(), HBONE_PORT),
             authority,
@@ -344,6 +326,23 @@ async fn forward_hbone(
 }
 
 impl Source {
+    /// What is known of a connection to `dst` from the source port `port`, before routing.
+    fn facts(&self, dst: Option<SocketAddr>, port: u16) -> Facts {
+        let state = self.mesh.state.load();
+        // The workload as it is now: its labels (`source_app`) may have changed.
+        let workload = state
+            .workload_by_uid(&self.info.uid)
+            .cloned()
+            .unwrap_or_else(|| self.info.clone());
+        let src = End {
+            workload: Some(workload),
+            identity: Some(self.info.identity.clone()),
+            ..End::at(self.address_towards(dst, port))
+        };
+        let dst = dst.map(End::at).unwrap_or_default();
+        Facts::new(Direction::Outbound, src, dst)
+    }
+
     /// The destination's inbound side, when the endpoint is a workload this agent serves and
     /// the settings let the connection skip HBONE.
     fn same_node_target(&self, endpoint: &Endpoint) -> Option<LocalTarget> {
@@ -358,86 +357,65 @@ impl Source {
 
     /// The source's own address for a connection to `dst`: the capturing listener sees the
     /// client on loopback, but policy (`ipBlocks`) and logs need the workload's IP.
-    fn address_towards(&self, dst: SocketAddr, port: u16) -> SocketAddr {
+    fn address_towards(&self, dst: Option<SocketAddr>, port: u16) -> SocketAddr {
         let ips = &self.info.workload.ips;
         let ip = ips
             .iter()
-            .find(|ip| ip.is_ipv4() == dst.is_ipv4())
+            .find(|ip| dst.is_none_or(|dst| ip.is_ipv4() == dst.is_ipv4()))
             .unwrap_or(&ips[0]);
         SocketAddr::new(*ip, port)
     }
 }
 
 /// To a workload of this node, through its inbound side in this process: no tunnel, no TLS.
+/// Both sides' records count the bytes of the one relay.
 async fn forward_same_node(
     conn: &mut TcpStream,
     endpoint: Endpoint,
     local: LocalTarget,
     source: &Source,
-    log: &mut ConnectionLog<'_>,
+    record: &mut ConnectionRecord,
 ) -> Result<(), OutboundError> {
     let dst = endpoint.authority;
-    let src = source.address_towards(dst, conn.peer_addr().map_or(0, |a| a.port()));
-    log.security = Security::SameNode;
-    log.peer_identity = Some(local.identity().clone());
-    log.endpoint = Some(endpoint);
-    let delivered = local
-        .deliver(conn, source.info.identity.clone(), src, dst)
-        .await;
-    match delivered {
-        Ok(transferred) => {
-            log.transferred = transferred;
-            Ok(())
-        }
-        Err(err) => {
-            if let SameNodeError::Ended { transferred, .. } = &err {
-                log.transferred = *transferred;
-            }
-            Err(err.into())
-        }
-    }
-}
-
-/// Istio's TCP metrics for the connection, reported by the source side.
-fn record_metrics(source: &Source, log: &ConnectionLog<'_>, result: &Result<(), OutboundError>) {
-    let state = source.mesh.state.load();
-    let destination = match (&log.endpoint, log.dst) {
-        (Some(endpoint), _) => Some(endpoint.workload.clone()),
-        (None, Some(dst)) => state.workload_by_ip(dst.ip()).cloned(),
-        (None, None) => None,
-    };
-    // Its labels as they are now (`source_app`).
-    let source_now = state
-        .workload_by_uid(&source.info.uid)
-        .unwrap_or(&source.info);
-    let mut labels = telemetry::connection_labels(
-        Reporter::Source,
-        Party {
-            workload: Some(&source_now.workload),
-            principal: Some(&source.info.identity),
-        },
-        Party {
-            workload: destination.as_ref().map(|w| &w.workload),
-            principal: log.peer_identity.as_ref(),
-        },
-        log.security.policy(),
-    );
-    if let Some(service) = &log.service {
-        labels.destination_service = service.hostname.clone();
-    }
-    let flags = match result {
-        Ok(()) => ResponseFlags::None,
-        Err(OutboundError::Relay(_)) => ResponseFlags::UpstreamTermination,
-        Err(OutboundError::NoEndpoint { .. }) => ResponseFlags::NoHealthyUpstream,
-        Err(OutboundError::WorkloadGone) => ResponseFlags::DownstreamTermination,
-        Err(OutboundError::SameNode(err)) => err.response_flags(),
-        Err(_) => ResponseFlags::UpstreamConnectFailure,
-    };
-    source.mesh.metrics.connection_opened(&labels);
-    telemetry::record_closed(&source.mesh.metrics, &mut labels, log.transferred, flags);
+    let facts = record.facts_mut();
+    facts.security = Security::SameNode;
+    facts.dst.identity = Some(local.identity().clone());
+    facts.dst.workload = Some(endpoint.workload);
+    facts.endpoint = Some(dst);
+    let src = record
+        .facts()
+        .src
+        .addr
+        .unwrap_or_else(|| source.address_towards(Some(dst), 0));
+    record.open();
+    let identity = source.info.identity.clone();
+    local
+        .deliver(conn, identity, src, dst, record.meter().clone())
+        .await
+        .map_err(OutboundError::from)
 }
 
 impl OutboundError {
+    /// How the connection ended, for its record.
+    fn ending(&self) -> Ending {
+        let flags = match self {
+            OutboundError::Relay(_) => ResponseFlags::UpstreamTermination,
+            OutboundError::NoEndpoint { .. } => ResponseFlags::NoHealthyUpstream,
+            OutboundError::WorkloadGone => ResponseFlags::DownstreamTermination,
+            OutboundError::SameNode(err) => err.response_flags(),
+            OutboundError::Hbone(HboneError::Refused { status, .. })
+                if *status == http::StatusCode::FORBIDDEN =>
+            {
+                ResponseFlags::Denied
+            }
+            _ => ResponseFlags::UpstreamConnectFailure,
+        };
+        Ending {
+            rejection: self.rejection(),
+            ..Ending::failed(flags, self)
+        }
+    }
+
     /// Why the far agent's TLS handshake was refused, when that is what failed.
     fn rejection(&self) -> Option<&'static str> {
         match self {
@@ -454,68 +432,4 @@ impl OutboundError {
 fn reset(conn: TcpStream) {
     let _ = conn.set_zero_linger();
     drop(conn);
-}
-
-/// What the per-connection log line says, filled in as the connection progresses.
-struct ConnectionLog<'a> {
-    src_workload: &'a str,
-    dst: Option<SocketAddr>,
-    /// The Service the destination is a virtual IP of.
-    service: Option<Arc<ServiceInfo>>,
-    /// The workload the connection went to, when through HBONE.
-    endpoint: Option<Endpoint>,
-    security: Security,
-    peer_identity: Option<SpiffeId>,
-    transferred: Transferred,
-    started: Instant,
-}
-
-impl<'a> ConnectionLog<'a> {
-    fn new(src_workload: &'a str, started: Instant) -> Self {
-        Self {
-            src_workload,
-            dst: None,
-            service: None,
-            endpoint: None,
-            security: Security::None,
-            peer_identity: None,
-            transferred: Transferred::default(),
-            started,
-        }
-    }
-
-    fn closed(&self, result: Result<(), &OutboundError>) {
-        let dst = self
-            .dst
-            .map_or_else(|| "unknown".to_owned(), |d| d.to_string());
-        let peer_identity = self
-            .peer_identity
-            .as_ref()
-            .map_or_else(|| "unknown".to_owned(), ToString::to_string);
-        let duration_ms = self.started.elapsed().as_millis() as u64;
-        let (src_workload, security) = (self.src_workload, self.security.as_str());
-        let service = self.service.as_ref().map(|s| s.uid.as_str());
-        let endpoint = self.endpoint.as_ref().map(|e| e.authority.to_string());
-        let (bytes_sent, bytes_received) = (self.transferred.sent, self.transferred.received);
-        match result {
-            Ok(()) => info!(
-                src_workload,
-                dst,
-                service,
-                endpoint,
-                security,
-                peer_identity,
-                bytes_sent,
-                bytes_received,
-                duration_ms,
-                "connection closed"
-            ),
-            Err(error) => warn!(
-                src_workload, dst, service, endpoint, security, peer_identity, bytes_sent, bytes_received, duration_ms,
-                rejection = error.rejection(),
-                error = %error,
-                "connection closed"
-            ),
-        }
-    }
 }

@@ -8,6 +8,8 @@
 use std::{future::Future, io};
 
 use bytes::{Bytes, BytesMut};
+
+use super::record::ByteMeter;
 use tokio::{
     io::AsyncWriteExt as _,
     net::{
@@ -43,35 +45,35 @@ pub struct Transferred {
 }
 
 /// Copies both ways between the caller's side and the destination's until both have finished
-/// sending, passing half-closes through. The counts are kept even when the relay fails.
+/// sending, passing half-closes through. Each chunk is counted in `meter` once written, so the
+/// counts are right while the relay runs, when it fails, and when it is cut short.
 pub async fn relay<CR, CW, UR, UW>(
     (mut caller_rx, mut caller_tx): (CR, CW),
     (mut upstream_rx, mut upstream_tx): (UR, UW),
-) -> (Transferred, io::Result<()>)
+    meter: &ByteMeter,
+) -> io::Result<()>
 where
     CR: ChunkRead,
     CW: ChunkWrite,
     UR: ChunkRead,
     UW: ChunkWrite,
 {
-    let mut transferred = Transferred::default();
-    let result = tokio::try_join!(
-        pump(&mut caller_rx, &mut upstream_tx, &mut transferred.sent),
-        pump(&mut upstream_rx, &mut caller_tx, &mut transferred.received),
+    tokio::try_join!(
+        pump(&mut caller_rx, &mut upstream_tx, |n| meter.add_sent(n)),
+        pump(&mut upstream_rx, &mut caller_tx, |n| meter.add_received(n)),
     )
-    .map(|_| ());
-    (transferred, result)
+    .map(|_| ())
 }
 
 async fn pump<R: ChunkRead, W: ChunkWrite>(
     from: &mut R,
     to: &mut W,
-    count: &mut u64,
+    count: impl Fn(u64),
 ) -> io::Result<()> {
     while let Some(chunk) = from.read_chunk().await? {
         let len = chunk.len() as u64;
         to.write_chunk(chunk).await?;
-        *count += len;
+        count(len);
     }
     to.finish().await
 }
@@ -154,10 +156,11 @@ mod tests {
     async fn relays_both_ways_with_half_close_and_counts() {
         let (mut app, mut caller) = connected_pair().await;
         let (mut upstream, mut server) = connected_pair().await;
-        let relayed =
-            tokio::spawn(
-                async move { relay(tcp_halves(&mut caller), tcp_halves(&mut upstream)).await },
-            );
+        let meter = std::sync::Arc::new(ByteMeter::default());
+        let counted = meter.clone();
+        let relayed = tokio::spawn(async move {
+            relay(tcp_halves(&mut caller), tcp_halves(&mut upstream), &counted).await
+        });
         let request = vec![7u8; 300_000];
         app.write_all(&request).await.unwrap();
         app.shutdown().await.unwrap();
@@ -172,10 +175,9 @@ mod tests {
         let mut answer = Vec::new();
         app.read_to_end(&mut answer).await.unwrap();
         assert_eq!(answer, b"answer");
-        let (transferred, result) = relayed.await.unwrap();
-        result.unwrap();
+        relayed.await.unwrap().unwrap();
         assert_eq!(
-            transferred,
+            meter.transferred(),
             Transferred {
                 sent: 300_000,
                 received: 6

@@ -1,14 +1,12 @@
 //! Istio's TCP metrics for the connections the proxy handles, labelled from what the agent
 //! knows: workloads by the cluster file, principals by verified certificates. What it does not
-//! know stays `unknown`, as in Istio.
+//! know stays `unknown`, as in Istio. [`super::record`] counts them.
 
 use crate::{
-    admin::{ConnectionLabels, Metrics, Reporter, ResponseFlags, SecurityPolicy},
+    admin::{ConnectionLabels, Reporter, SecurityPolicy},
     identity::SpiffeId,
     workload::Workload,
 };
-
-use super::Transferred;
 
 /// One end of a connection, as far as the agent can name it.
 #[derive(Clone, Copy, Default)]
@@ -42,25 +40,6 @@ pub fn connection_labels(
     }
     labels.connection_security_policy = security;
     labels
-}
-
-/// Records a connection that was refused before any byte reached the destination.
-pub fn record_refused(metrics: &Metrics, mut labels: ConnectionLabels) {
-    labels.response_flags = ResponseFlags::Denied;
-    metrics.connection_opened(&labels);
-    metrics.connection_closed(&labels, 0, 0);
-}
-
-/// Records the end of a relayed connection. Istio counts request bytes as received and response
-/// bytes as sent, whoever reports.
-pub fn record_closed(
-    metrics: &Metrics,
-    labels: &mut ConnectionLabels,
-    transferred: Transferred,
-    flags: ResponseFlags,
-) {
-    labels.response_flags = flags;
-    metrics.connection_closed(labels, transferred.received, transferred.sent);
 }
 
 fn app_of(workload: &Workload) -> String {

@@ -356,17 +356,28 @@ fn print_refusals(events: &[Event]) {
             continue;
         }
         let why = match e.outcome {
-            Outcome::Denied => format!("policy={}", e.reason.as_deref().unwrap_or("?")),
+            Outcome::Denied => format!(
+                "rejection=policy_denied denied_by={}",
+                e.reason.as_deref().unwrap_or("?")
+            ),
             Outcome::Rejected => format!("rejection={}", e.reason.as_deref().unwrap_or("?")),
             _ => format!("error={}", e.reason.as_deref().unwrap_or("?")),
         };
+        // The unified `connection closed` line says `direction`, `dst_workload` and
+        // `src_identity` (absent for a plaintext caller); the TLS-level rejection lines say
+        // `workload` and `peer_identity`.
+        let message = e.line["message"].as_str().unwrap_or("?");
+        let (direction, workload_key, identity_key) = match e.line["direction"].as_str() {
+            Some(d) => (format!(" direction={d}"), "dst_workload", "src_identity"),
+            None => (String::new(), "workload", "peer_identity"),
+        };
+        let identity = match e.line[identity_key].as_str() {
+            Some(id) => format!(" {identity_key}={id}"),
+            None => format!(" (no {identity_key})"),
+        };
         println!(
-            "   {}'s agent: \"{}\" workload={} peer_identity={} src_addr={} {why}",
-            e.node,
-            e.line["message"].as_str().unwrap_or("?"),
-            e.workload,
-            e.peer_identity,
-            e.src_addr,
+            "   {}'s agent: \"{message}\"{direction} {workload_key}={}{identity} src_addr={} {why}",
+            e.node, e.workload, e.src_addr,
         );
     }
 }

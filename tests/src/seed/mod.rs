@@ -293,14 +293,18 @@ pub fn mark_logs(cluster: &Cluster) -> Result<LogMark> {
 /// What the serving agent did with one inbound connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Outcome {
-    /// Delivered to the workload and closed (`inbound connection closed` without `error`).
+    /// Delivered to the workload and closed (inbound `connection closed` without `rejection`
+    /// or `error`).
     Delivered,
-    /// Refused by an AuthorizationPolicy (`inbound connection denied`).
+    /// Refused by an AuthorizationPolicy (inbound `connection closed` with `rejection`
+    /// `policy_denied`; the policy in `denied_by`).
     Denied,
-    /// Refused before policy, e.g. plaintext under STRICT (`inbound connection rejected`, or
-    /// `inbound stream rejected` for one HBONE stream).
+    /// Refused before policy: plaintext under STRICT (inbound `connection closed` with
+    /// `rejection` `plaintext_strict`, or any other `rejection` but `policy_denied`), a
+    /// TLS-level refusal of the HBONE port (`inbound connection rejected`), or one bad HBONE
+    /// stream (`inbound stream rejected`).
     Rejected,
-    /// Delivered, then broken (`inbound connection closed` with `error`).
+    /// Delivered, then broken (inbound `connection closed` with `error`, no `rejection`).
     Failed,
 }
 
@@ -364,28 +368,37 @@ pub struct Event {
 
 impl Event {
     fn parse(stage: &dyn Stage, node: &str, line: &Value) -> Option<Event> {
-        let outcome = match line["message"].as_str()? {
-            "inbound connection closed" if line.get("error").is_some() => Outcome::Failed,
-            "inbound connection closed" => Outcome::Delivered,
-            "inbound connection denied" => Outcome::Denied,
-            "inbound connection rejected" | "inbound stream rejected" => Outcome::Rejected,
+        let text = |key: &str| line[key].as_str().map(str::to_owned);
+        // The unified `connection closed` line names the destination `dst_workload` and the
+        // caller `src_identity` (absent for a plaintext caller); the TLS-level
+        // `inbound connection rejected` and `inbound stream rejected` lines keep `workload`
+        // and `peer_identity`.
+        let (outcome, reason, workload_key, identity_key) = match line["message"].as_str()? {
+            "connection closed" if line["direction"] == "inbound" => {
+                let (outcome, reason) = match line["rejection"].as_str() {
+                    Some("policy_denied") => (Outcome::Denied, text("denied_by")),
+                    Some(code) => (Outcome::Rejected, Some(code.to_owned())),
+                    None if line.get("error").is_some() => (Outcome::Failed, text("error")),
+                    None => (Outcome::Delivered, None),
+                };
+                (outcome, reason, "dst_workload", "src_identity")
+            }
+            "inbound connection rejected" | "inbound stream rejected" => (
+                Outcome::Rejected,
+                text("rejection"),
+                "workload",
+                "peer_identity",
+            ),
             _ => return None,
         };
-        let text = |key: &str| line[key].as_str().map(str::to_owned);
-        let reason = match outcome {
-            Outcome::Delivered => None,
-            Outcome::Denied => text("policy"),
-            Outcome::Rejected => text("rejection"),
-            Outcome::Failed => text("error"),
-        };
-        let workload = text("workload")?;
+        let workload = text(workload_key)?;
         let pod = workload.rsplit('/').next().unwrap_or(&workload);
         Some(Event {
             node: node.to_owned(),
             outcome,
             destination: stage.workload_of(pod),
             workload,
-            peer_identity: text("peer_identity").unwrap_or_else(|| "unknown".into()),
+            peer_identity: text(identity_key).unwrap_or_else(|| "unknown".into()),
             src_addr: text("src_addr").unwrap_or_default(),
             security: Security::from_log(&line["security"]),
             reason,

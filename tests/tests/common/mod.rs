@@ -44,7 +44,7 @@ pub fn fetch(pod: &Pod, ip: impl Into<IpAddr>, port: u16, body: &[u8]) -> Result
     Ok(())
 }
 
-/// Lines of `node`'s agent with destination `dst`.
+/// `node`'s outbound `connection closed` lines with destination `dst`.
 pub fn lines_for(cluster: &Cluster, node: &str, dst: &str) -> Result<Vec<ConnectionLog>> {
     Ok(cluster
         .connections(node)?
@@ -53,7 +53,7 @@ pub fn lines_for(cluster: &Cluster, node: &str, dst: &str) -> Result<Vec<Connect
         .collect())
 }
 
-/// Waits for the `connection closed` line of `src_workload` to `dst` on `node`.
+/// Waits for the outbound `connection closed` line of `src_workload` to `dst` on `node`.
 pub fn wait_conn(cluster: &Cluster, node: &str, src: &str, dst: &str) -> Result<ConnectionLog> {
     cluster
         .wait_for_connection(node, |c| c.dst == dst && c.src_workload == src, LOG_WAIT)
@@ -212,7 +212,7 @@ pub fn poll_for<T>(
     }
 }
 
-/// Waits for `node`'s `connection closed` line number `seen` (0-based) among those from
+/// Waits for `node`'s outbound `connection closed` line number `seen` (0-based) among those from
 /// `src` to `dst`: the first one after `seen` earlier ones.
 pub fn wait_next_conn(
     cluster: &Cluster,

@@ -12,11 +12,14 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tracing::{info, warn};
 
-use super::{Caller, Target, Via, connect_to_workload, deliver, log_denied};
+use super::{Admission, Caller, Target, Via, admit, deliver};
 use crate::{
+    admin::ResponseFlags,
     identity::{self, SpiffeId},
-    policy::Decision,
-    proxy::tunnel::{self, TunnelReader, TunnelWriter},
+    proxy::{
+        record::{Ending, canonical},
+        tunnel::{self, TunnelReader, TunnelWriter},
+    },
 };
 
 /// A peer that does not finish its handshake in this time is dropped.
@@ -65,10 +68,15 @@ impl Rejection {
 }
 
 pub(super) async fn serve_connection(tcp: TcpStream, peer_addr: SocketAddr, target: Arc<Target>) {
+    let peer_addr = canonical(peer_addr);
     let (tls, identity) = match accept_mtls(tcp, &target).await {
         Ok(accepted) => accepted,
         Err(rejection) => {
-            target.context.metrics.inbound_rejected(rejection.kind());
+            target
+                .context
+                .connections
+                .metrics()
+                .inbound_rejected(rejection.kind());
             warn!(
                 workload = %target.name,
                 peer_addr = %peer_addr,
@@ -176,7 +184,11 @@ async fn handle_stream(
     let dst = match requested_destination(&request, &target) {
         Ok(dst) => dst,
         Err(rejection) => {
-            target.record_refused(&caller, rejection.kind());
+            target
+                .context
+                .connections
+                .metrics()
+                .inbound_rejected(rejection.kind());
             warn!(
                 workload = %target.name,
                 peer_identity = %caller.identity_text(),
@@ -187,21 +199,19 @@ async fn handle_stream(
             return refuse(&mut respond, StatusCode::BAD_REQUEST);
         }
     };
-    if let Decision::Deny { by } = target.authorize(&caller, dst) {
-        log_denied(&target, &caller, dst, &by.to_string());
-        return refuse(&mut respond, StatusCode::FORBIDDEN);
-    }
-    let upstream = match connect_to_workload(&target.netns, dst).await {
-        Ok(upstream) => upstream,
-        Err(err) => {
-            warn!(workload = %target.name, peer_identity = %caller.identity_text(), dst = %dst, error = %err, "inbound delivery failed");
-            return refuse(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
-        }
+    let record = target.record(&caller, dst, Arc::default());
+    let (upstream, record) = match admit(&target, &caller, dst, record).await {
+        Admission::Connected(upstream, record) => (upstream, record),
+        Admission::Denied { .. } => return refuse(&mut respond, StatusCode::FORBIDDEN),
+        Admission::Unreachable => return refuse(&mut respond, StatusCode::SERVICE_UNAVAILABLE),
     };
     let send = match respond.send_response(status(StatusCode::OK), false) {
         Ok(send) => send,
         Err(err) => {
-            warn!(workload = %target.name, peer_identity = %caller.identity_text(), dst = %dst, error = %err, "inbound stream ended before it was accepted");
+            record.close(Ending::failed(
+                ResponseFlags::DownstreamTermination,
+                format!("the stream ended before it was accepted: {err}"),
+            ));
             return;
         }
     };
@@ -209,7 +219,7 @@ async fn handle_stream(
         TunnelReader::open(request.into_body()),
         TunnelWriter::new(send),
     );
-    deliver(tunnel, upstream, caller, dst, &target).await;
+    deliver(tunnel, upstream, &caller, dst, &target, record).await;
 }
 
 /// Answers with `code` and ends the stream; what the caller sent with its `CONNECT` is dropped.

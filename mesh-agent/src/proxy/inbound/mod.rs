@@ -25,7 +25,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::Context as _;
@@ -36,16 +36,16 @@ use tokio::{
 };
 use tokio_rustls::TlsAcceptor;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{info, warn};
+use tracing::warn;
 
 use super::{
     Lifetime,
     hbone::HBONE_PORT,
+    record::{ByteMeter, ConnectionRecord, Connections, Direction, End, Ending, Facts, Security},
     relay::{ChunkRead, ChunkWrite, relay, tcp_halves},
-    telemetry::{self, Party},
 };
 use crate::{
-    admin::{ConnectionLabels, Metrics, Reporter, ResponseFlags, SecurityPolicy},
+    admin::ResponseFlags,
     identity::SpiffeId,
     netns::NetNs,
     policy::{ConnectionAttrs, Decision, MtlsMode, PolicySet, WorkloadRef},
@@ -68,7 +68,8 @@ pub struct Inbound {
 pub struct InboundContext {
     pub state: StateStore,
     pub policy: watch::Receiver<Arc<PolicySet>>,
-    pub metrics: Metrics,
+    /// Where every connection is recorded (metrics, access log, admin listing).
+    pub connections: Connections,
     /// Streams allowed on one inbound HBONE connection.
     pub max_concurrent_streams: u32,
     /// Where each served workload is published for same-node connections.
@@ -234,28 +235,23 @@ impl Target {
         )
     }
 
-    /// Istio's labels for a connection from `caller`, reported by this (the destination) side.
-    fn labels_for(&self, caller: &Caller) -> ConnectionLabels {
+    /// The record of a connection from `caller` to `dst`, reported by this (the destination)
+    /// side, counting its bytes in `meter`.
+    fn record(&self, caller: &Caller, dst: SocketAddr, meter: Arc<ByteMeter>) -> ConnectionRecord {
         let state = self.context.state.load();
-        let source = state.workload_by_ip(caller.addr.ip());
-        telemetry::connection_labels(
-            Reporter::Destination,
-            Party {
-                workload: source.map(|w| &w.workload),
-                principal: caller.identity.as_ref(),
-            },
-            Party {
-                workload: Some(&self.info.workload),
-                principal: Some(&self.info.identity),
-            },
-            caller.security_policy(),
-        )
-    }
-
-    /// Counts a connection refused by mode or policy.
-    fn record_refused(&self, caller: &Caller, rejection: &'static str) {
-        self.context.metrics.inbound_rejected(rejection);
-        telemetry::record_refused(&self.context.metrics, self.labels_for(caller));
+        let src = End {
+            workload: state.workload_by_ip(caller.addr.ip()).cloned(),
+            identity: caller.identity.clone(),
+            ..End::at(caller.addr)
+        };
+        let dst = End {
+            workload: Some(self.current()),
+            identity: Some(self.info.identity.clone()),
+            ..End::at(dst)
+        };
+        let mut facts = Facts::new(Direction::Inbound, src, dst);
+        facts.security = caller.security();
+        ConnectionRecord::sharing(&self.context.connections, facts, meter)
     }
 
     /// Whether the current policy still admits a connection: its mode (plaintext under STRICT
@@ -284,21 +280,11 @@ impl Caller {
         }
     }
 
-    /// For logs.
-    fn security(&self) -> &'static str {
+    fn security(&self) -> Security {
         match self.via {
-            Via::Hbone => "mutual_tls",
-            Via::Plaintext => "none",
-            Via::SameNode => "same_node",
-        }
-    }
-
-    /// For metrics (Istio's `connection_security_policy`).
-    fn security_policy(&self) -> SecurityPolicy {
-        match self.via {
-            Via::Hbone => SecurityPolicy::MutualTls,
-            Via::Plaintext => SecurityPolicy::Unknown,
-            Via::SameNode => SecurityPolicy::SameNode,
+            Via::Hbone => Security::MutualTls,
+            Via::Plaintext => Security::None,
+            Via::SameNode => Security::SameNode,
         }
     }
 
@@ -352,25 +338,54 @@ async fn connect_to_workload(netns: &NetNs, dst: SocketAddr) -> std::io::Result<
     Ok(upstream)
 }
 
-/// How a delivered connection ended: what it moved, and for a failure its `response_flags`
-/// (the caller then resets its side).
-struct Delivered {
-    transferred: super::Transferred,
-    failure: Option<ResponseFlags>,
+/// Whether a connection may reach the workload, and if so its connection to it.
+enum Admission {
+    Connected(TcpStream, ConnectionRecord),
+    /// Refused by authorization policy (the record says by which).
+    Denied {
+        by: String,
+    },
+    /// The workload did not accept the connection.
+    Unreachable,
+}
+
+/// Authorizes a connection and connects to the workload; a refused or failed one is recorded
+/// as such here.
+async fn admit(
+    target: &Target,
+    caller: &Caller,
+    dst: SocketAddr,
+    record: ConnectionRecord,
+) -> Admission {
+    if let Decision::Deny { by } = target.authorize(caller, dst) {
+        let by = by.to_string();
+        record.close(Ending::denied(&by));
+        return Admission::Denied { by };
+    }
+    match connect_to_workload(&target.netns, dst).await {
+        Ok(upstream) => Admission::Connected(upstream, record),
+        Err(err) => {
+            record.close(Ending::failed(
+                ResponseFlags::UpstreamConnectFailure,
+                format!("connecting to the workload: {err}"),
+            ));
+            Admission::Unreachable
+        }
+    }
 }
 
 /// Relays an admitted connection to the workload until either side is done or the policy
-/// revokes it, then logs it.
+/// revokes it, then records how it ended. Returns its `response_flags` if it failed (the
+/// caller then resets its side).
 async fn deliver<R: ChunkRead, W: ChunkWrite>(
     caller_side: (R, W),
     mut upstream: TcpStream,
-    caller: Caller,
+    caller: &Caller,
     dst: SocketAddr,
     target: &Target,
-) -> Delivered {
-    let started = Instant::now();
-    let mut labels = target.labels_for(&caller);
-    target.context.metrics.connection_opened(&labels);
+    mut record: ConnectionRecord,
+) -> Option<ResponseFlags> {
+    record.open();
     let id = target.active.next_id.fetch_add(1, Ordering::Relaxed);
     let revoked = CancellationToken::new();
     target
@@ -386,13 +401,14 @@ async fn deliver<R: ChunkRead, W: ChunkWrite>(
                 revoked: revoked.clone(),
             },
         );
-    let outcome = tokio::select! {
-        (transferred, result) = relay(caller_side, tcp_halves(&mut upstream)) => {
-            let flags = if result.is_ok() { ResponseFlags::None } else { ResponseFlags::UpstreamTermination };
-            (transferred, result.err().map(|e| e.to_string()), flags)
-        }
-        _ = revoked.cancelled() => (Default::default(), Some("revoked by a policy change".to_owned()), ResponseFlags::Denied),
-        _ = target.lifetime.abort.cancelled() => (Default::default(), Some("the workload was removed or restarted".to_owned()), ResponseFlags::UpstreamTermination),
+    let meter = record.meter().clone();
+    let ending = tokio::select! {
+        result = relay(caller_side, tcp_halves(&mut upstream), &meter) => match result {
+            Ok(()) => Ending::completed(),
+            Err(err) => Ending::failed(ResponseFlags::UpstreamTermination, err),
+        },
+        _ = revoked.cancelled() => Ending::failed(ResponseFlags::Denied, "revoked by a policy change"),
+        _ = target.lifetime.abort.cancelled() => Ending::failed(ResponseFlags::UpstreamTermination, "the workload was removed or restarted"),
     };
     target
         .active
@@ -400,47 +416,12 @@ async fn deliver<R: ChunkRead, W: ChunkWrite>(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(&id);
-    let (transferred, error, flags): (super::Transferred, Option<String>, ResponseFlags) = outcome;
-    telemetry::record_closed(&target.context.metrics, &mut labels, transferred, flags);
-    let duration_ms = started.elapsed().as_millis() as u64;
-    let fields = (
-        caller.identity_text(),
-        caller.addr.to_string(),
-        caller.security(),
-    );
-    let failure = error.is_some().then_some(flags);
-    match error {
-        None => info!(
-            workload = %target.name,
-            peer_identity = %fields.0,
-            src_addr = %fields.1,
-            security = fields.2,
-            dst = %dst,
-            bytes_sent = transferred.sent,
-            bytes_received = transferred.received,
-            duration_ms,
-            "inbound connection closed"
-        ),
-        Some(error) => {
-            warn!(
-                workload = %target.name,
-                peer_identity = %fields.0,
-                src_addr = %fields.1,
-                security = fields.2,
-                dst = %dst,
-                bytes_sent = transferred.sent,
-                bytes_received = transferred.received,
-                duration_ms,
-                error = %error,
-                "inbound connection closed"
-            );
-            let _ = upstream.set_zero_linger();
-        }
+    let failure = ending.error.is_some().then_some(ending.flags);
+    if failure.is_some() {
+        let _ = upstream.set_zero_linger();
     }
-    Delivered {
-        transferred,
-        failure,
-    }
+    record.close(ending);
+    failure
 }
 
 /// Waits, briefly, for a refused client's first bytes, so that the reset that follows meets a
@@ -450,18 +431,4 @@ async fn wait_for_first_bytes(tcp: &TcpStream) {
     // `readable()` may wake before data is there; `peek` waits for a byte.
     let mut first = [0u8; 1];
     let _ = tokio::time::timeout(CLIENT_FIRST_BYTES_WAIT, tcp.peek(&mut first)).await;
-}
-
-/// Logs and counts a connection refused by authorization, with the policy that refused it.
-fn log_denied(target: &Target, caller: &Caller, dst: SocketAddr, reason: &str) {
-    target.record_refused(caller, "policy_denied");
-    warn!(
-        workload = %target.name,
-        peer_identity = %caller.identity_text(),
-        src_addr = %caller.addr,
-        security = caller.security(),
-        dst = %dst,
-        policy = %reason,
-        "inbound connection denied"
-    );
 }

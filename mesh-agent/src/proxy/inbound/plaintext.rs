@@ -8,9 +8,12 @@ use mesh_ebpf_common::INBOUND_PLAINTEXT_PORT;
 use tokio::net::TcpStream;
 use tracing::warn;
 
-use super::{Caller, Target, Via, connect_to_workload, deliver, log_denied, wait_for_first_bytes};
-use crate::policy::{Decision, MtlsMode};
-use crate::proxy::relay::tcp_halves;
+use super::{Admission, Caller, Target, Via, admit, deliver, wait_for_first_bytes};
+use crate::policy::MtlsMode;
+use crate::proxy::{
+    record::{Ending, canonical},
+    relay::tcp_halves,
+};
 
 pub(super) async fn serve_connection(
     mut tcp: TcpStream,
@@ -20,48 +23,48 @@ pub(super) async fn serve_connection(
     let _ = tcp.set_nodelay(true);
     let caller = Caller {
         identity: None,
-        addr: SocketAddr::new(peer_addr.ip().to_canonical(), peer_addr.port()),
+        addr: canonical(peer_addr),
         via: Via::Plaintext,
     };
     let dst = match tcp.local_addr() {
-        Ok(dst) if dst.port() != INBOUND_PLAINTEXT_PORT => {
-            SocketAddr::new(dst.ip().to_canonical(), dst.port())
-        }
+        Ok(dst) if dst.port() != INBOUND_PLAINTEXT_PORT => canonical(dst),
         _ => {
-            warn!(workload = %target.name, src_addr = %peer_addr, rejection = "direct_to_capture_port", "inbound connection rejected");
+            // Not a captured connection: nothing a workload was asked for.
+            const REJECTION: &str = "direct_to_capture_port";
+            target
+                .context
+                .connections
+                .metrics()
+                .inbound_rejected(REJECTION);
+            warn!(workload = %target.name, src_addr = %caller.addr, rejection = REJECTION, "inbound connection rejected");
             reset(tcp);
             return;
         }
     };
+    let record = target.record(&caller, dst, Arc::default());
     if target.mtls_mode(dst.port()) == MtlsMode::Strict {
-        target.record_refused(&caller, "plaintext_strict");
-        warn!(
-            workload = %target.name,
-            src_addr = %peer_addr,
-            dst = %dst,
-            security = "none",
-            rejection = "plaintext_strict",
-            reason = "STRICT mTLS: plaintext is not accepted",
-            "inbound connection rejected"
-        );
+        record.close(Ending::refused(
+            "plaintext_strict",
+            "STRICT mTLS: plaintext is not accepted",
+        ));
         refuse(tcp).await;
         return;
     }
-    if let Decision::Deny { by } = target.authorize(&caller, dst) {
-        log_denied(&target, &caller, dst, &by.to_string());
-        refuse(tcp).await;
-        return;
-    }
-    let upstream = match connect_to_workload(&target.netns, dst).await {
-        Ok(upstream) => upstream,
-        Err(err) => {
-            warn!(workload = %target.name, src_addr = %peer_addr, dst = %dst, error = %err, "inbound delivery failed");
-            reset(tcp);
-            return;
-        }
+    let (upstream, record) = match admit(&target, &caller, dst, record).await {
+        Admission::Connected(upstream, record) => (upstream, record),
+        Admission::Denied { .. } => return refuse(tcp).await,
+        Admission::Unreachable => return reset(tcp),
     };
-    let delivered = deliver(tcp_halves(&mut tcp), upstream, caller, dst, &target).await;
-    if delivered.failure.is_some() {
+    let failure = deliver(
+        tcp_halves(&mut tcp),
+        upstream,
+        &caller,
+        dst,
+        &target,
+        record,
+    )
+    .await;
+    if failure.is_some() {
         reset(tcp);
     }
 }

@@ -7,7 +7,6 @@
 
 use std::{
     collections::HashMap,
-    io,
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
@@ -15,12 +14,11 @@ use std::{
 use arc_swap::ArcSwap;
 use tokio::net::TcpStream;
 
-use super::{Caller, Target, Via, connect_to_workload, deliver, log_denied, wait_for_first_bytes};
+use super::{Admission, Caller, Target, Via, admit, deliver, wait_for_first_bytes};
 use crate::{
     admin::ResponseFlags,
     identity::SpiffeId,
-    policy::Decision,
-    proxy::{Transferred, relay::tcp_halves},
+    proxy::{record::ByteMeter, relay::tcp_halves},
 };
 
 /// The node's served workloads by IP: published when a workload's inbound side starts serving,
@@ -33,21 +31,18 @@ pub struct LocalTargets(Arc<ArcSwap<HashMap<IpAddr, Arc<Target>>>>);
 pub enum SameNodeError {
     #[error("denied by {by}")]
     Denied { by: String },
-    #[error("delivering to {dst}: {source}")]
-    Connect { dst: SocketAddr, source: io::Error },
+    #[error("the workload did not accept the connection")]
+    Unreachable,
     #[error("the connection failed or was revoked")]
-    Ended {
-        flags: ResponseFlags,
-        transferred: Transferred,
-    },
+    Ended { flags: ResponseFlags },
 }
 
 impl SameNodeError {
     pub fn response_flags(&self) -> ResponseFlags {
         match self {
             SameNodeError::Denied { .. } => ResponseFlags::Denied,
-            SameNodeError::Connect { .. } => ResponseFlags::UpstreamConnectFailure,
-            SameNodeError::Ended { flags, .. } => *flags,
+            SameNodeError::Unreachable => ResponseFlags::UpstreamConnectFailure,
+            SameNodeError::Ended { flags } => *flags,
         }
     }
 }
@@ -91,38 +86,36 @@ impl LocalTarget {
     }
 
     /// Authorizes a connection from the local workload with `identity` (at `src`) to `dst`
-    /// and relays it to the workload until either side is done or a policy change revokes it.
+    /// and relays it to the workload until either side is done or a policy change revokes it,
+    /// counting its bytes in `meter`, which the source side's record shares.
     pub async fn deliver(
         &self,
         conn: &mut TcpStream,
         identity: SpiffeId,
         src: SocketAddr,
         dst: SocketAddr,
-    ) -> Result<Transferred, SameNodeError> {
+        meter: Arc<ByteMeter>,
+    ) -> Result<(), SameNodeError> {
         let target = &self.0;
         let caller = Caller {
             identity: Some(identity),
             addr: src,
             via: Via::SameNode,
         };
-        if let Decision::Deny { by } = target.authorize(&caller, dst) {
-            let by = by.to_string();
-            log_denied(target, &caller, dst, &by);
-            // The source side resets the connection, as this side would a refused HBONE
-            // caller's: the client sees a reset, as across nodes.
-            wait_for_first_bytes(conn).await;
-            return Err(SameNodeError::Denied { by });
-        }
-        let upstream = connect_to_workload(&target.netns, dst)
-            .await
-            .map_err(|source| SameNodeError::Connect { dst, source })?;
-        let delivered = deliver(tcp_halves(conn), upstream, caller, dst, target).await;
-        match delivered.failure {
-            None => Ok(delivered.transferred),
-            Some(flags) => Err(SameNodeError::Ended {
-                flags,
-                transferred: delivered.transferred,
-            }),
+        let record = target.record(&caller, dst, meter);
+        let (upstream, record) = match admit(target, &caller, dst, record).await {
+            Admission::Connected(upstream, record) => (upstream, record),
+            Admission::Denied { by } => {
+                // The source side resets the connection, as this side would a refused HBONE
+                // caller's: the client sees a reset, as across nodes.
+                wait_for_first_bytes(conn).await;
+                return Err(SameNodeError::Denied { by });
+            }
+            Admission::Unreachable => return Err(SameNodeError::Unreachable),
+        };
+        match deliver(tcp_halves(conn), upstream, &caller, dst, target, record).await {
+            None => Ok(()),
+            Some(flags) => Err(SameNodeError::Ended { flags }),
         }
     }
 }

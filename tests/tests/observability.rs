@@ -1,0 +1,449 @@
+//! Counts that are right: after known traffic, the `istio_tcp_*` metrics of both reporters, the
+//! access log and the admin API's open connections say exactly what happened, including a
+//! connection while it is still open, one revoked by a policy change and one denied.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use common::LOG_WAIT;
+use mesh_tests::{ChildGuard, Cluster, NodeSpec, Pod, PodSpec};
+use serde_json::Value;
+
+const ECHO_PORT: u16 = 7000;
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
+const WEB_ID: &str = "spiffe://cluster.local/ns/default/sa/default";
+/// Longer than the agent's flush period (5 s), with room for a busy machine.
+const FLUSH_WAIT: Duration = Duration::from_secs(12);
+
+/// Python (argv: host, port, n): one connection that sends `n` bytes, reads the `n` echoed
+/// back, prints `echoed`, then holds the connection until stdin closes and prints `closed`.
+/// If the connection breaks it prints `broken: why` and exits 1.
+const EXACT_ECHO: &str = r#"
+import select, socket, sys
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+try:
+    s = socket.create_connection((host, port), timeout=10)
+    s.sendall(bytes(i % 251 for i in range(n)))
+    got = 0
+    while got < n:
+        chunk = s.recv(65536)
+        if not chunk:
+            raise OSError("closed by the peer after %d bytes" % got)
+        got += len(chunk)
+    print("echoed", flush=True)
+    s.settimeout(None)
+    # Until stdin closes; a connection that breaks meanwhile is reported at once.
+    while True:
+        ready, _, _ = select.select([sys.stdin, s], [], [])
+        if s in ready:
+            if not s.recv(1):
+                raise OSError("closed by the peer")
+            raise OSError("unexpected data")
+        if not sys.stdin.readline():
+            break
+    s.shutdown(socket.SHUT_WR)
+    if s.recv(1):
+        raise OSError("unexpected data")
+    print("closed", flush=True)
+except OSError as e:
+    print("broken: %s" % e, flush=True)
+    sys.exit(1)
+"#;
+
+/// node-a: `client` (sa client) and `outsider` (not in the mesh); node-b: `web` (app=web) with
+/// an echo server on 7000.
+struct Setup {
+    cluster: Cluster,
+    _echo: ChildGuard,
+}
+
+fn setup() -> Result<Setup> {
+    let cluster = Cluster::builder()
+        .node(
+            NodeSpec::new("node-a")
+                .pod(PodSpec::new("client").service_account("client"))
+                .pod(PodSpec::new("outsider").enrolled(false)),
+        )
+        .node(NodeSpec::new("node-b").pod(PodSpec::new("web").label("app", "web")))
+        .build()?;
+    cluster.start_agents()?;
+    let echo = cluster.pod("node-b", "web")?.tcp_echo(ECHO_PORT)?;
+    Ok(Setup {
+        cluster,
+        _echo: echo,
+    })
+}
+
+/// One [`EXACT_ECHO`] connection.
+struct Exact {
+    guard: ChildGuard,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Exact {
+    /// Connects from `from` to web's echo port and returns once `n` bytes went there and back.
+    fn open(s: &Setup, from: &str, n: usize) -> Result<Exact> {
+        let web = s.cluster.pod("node-b", "web")?.ipv4().to_string();
+        let mut guard = s.pod(from)?.spawn_piped(
+            "/usr/bin/python3",
+            [
+                "-c",
+                EXACT_ECHO,
+                &web,
+                &ECHO_PORT.to_string(),
+                &n.to_string(),
+            ],
+        )?;
+        let stdout = guard.child_mut().stdout.take().context("stdout")?;
+        let (tx, lines) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut exact = Exact { guard, lines };
+        exact.expect("echoed")?;
+        Ok(exact)
+    }
+
+    fn expect(&mut self, want: &str) -> Result<()> {
+        match self.lines.recv_timeout(LOG_WAIT) {
+            Ok(line) if line == want => Ok(()),
+            Ok(line) => bail!("want {want:?}, the client said {line:?}"),
+            Err(err) => bail!("want {want:?}: {err}"),
+        }
+    }
+
+    /// Closes the connection cleanly, both ways.
+    fn close(mut self) -> Result<()> {
+        drop(self.guard.child_mut().stdin.take());
+        self.expect("closed")
+    }
+
+    /// Waits for the connection to break (the client says why).
+    fn wait_broken(&mut self) -> Result<String> {
+        match self.lines.recv_timeout(LOG_WAIT) {
+            Ok(line) if line.starts_with("broken") => Ok(line),
+            Ok(line) => bail!("the connection should have broken; the client said {line:?}"),
+            Err(err) => bail!("the connection did not break: {err}"),
+        }
+    }
+}
+
+impl Setup {
+    fn pod(&self, name: &str) -> Result<&Pod> {
+        let node = if name == "web" { "node-b" } else { "node-a" };
+        self.cluster.pod(node, name)
+    }
+
+    fn get(&self, node: &str, url: &str) -> Result<String> {
+        let out = self.cluster.run_in_node(
+            node,
+            "curl",
+            ["-sS", "--max-time", "5", url],
+            Duration::from_secs(10),
+        )?;
+        ensure!(out.success(), "GET {url} on {node}: {}", out.stderr_str());
+        Ok(out.stdout_str())
+    }
+
+    fn metrics(&self, node: &str) -> Result<String> {
+        self.get(node, "http://127.0.0.1:15020/metrics")
+    }
+
+    fn open_connections(&self, node: &str) -> Result<Vec<Value>> {
+        let body = self.get(node, "http://127.0.0.1:15000/connections")?;
+        serde_json::from_str(&body).with_context(|| format!("/connections: {body}"))
+    }
+
+    /// Polls `node`'s metrics until `check` passes (at most `wait`); the error says what the
+    /// last scrape had.
+    fn wait_metrics(
+        &self,
+        node: &str,
+        wait: Duration,
+        check: impl Fn(&Series) -> Result<()>,
+    ) -> Result<()> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let text = self.metrics(node)?;
+            let outcome = check(&Series(&text));
+            match outcome {
+                Ok(()) => return Ok(()),
+                Err(err) if Instant::now() >= deadline => {
+                    let edge: Vec<_> = text
+                        .lines()
+                        .filter(|l| l.starts_with("istio_tcp_") && l.contains("\"web\""))
+                        .collect();
+                    bail!("{node}: {err:#}\n{}", edge.join("\n"));
+                }
+                Err(_) => thread::sleep(Duration::from_millis(250)),
+            }
+        }
+    }
+}
+
+/// One scrape, summed over the series that match.
+struct Series<'a>(&'a str);
+
+impl Series<'_> {
+    /// The sum of `name` over the series to web whose labels contain every one of `labels`.
+    fn sum(&self, name: &str, labels: &[&str]) -> u64 {
+        self.0
+            .lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")))
+            .filter(|l| l.contains("destination_workload=\"web\""))
+            .filter(|l| labels.iter().all(|want| l.contains(want)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    }
+
+    fn expect(&self, name: &str, labels: &[&str], want: u64) -> Result<()> {
+        let got = self.sum(name, labels);
+        ensure!(got == want, "{name}{labels:?} is {got}, want {want}");
+        Ok(())
+    }
+}
+
+const OPENED: &str = "istio_tcp_connections_opened_total";
+const CLOSED: &str = "istio_tcp_connections_closed_total";
+/// Source to destination (the request direction), whoever reports.
+const RECEIVED: &str = "istio_tcp_received_bytes_total";
+/// Destination to source.
+const SENT: &str = "istio_tcp_sent_bytes_total";
+const MTLS: &str = "connection_security_policy=\"mutual_tls\"";
+const FROM_CLIENT: &str = "source_workload=\"client\"";
+
+fn reporter(node: &str) -> &'static str {
+    if node == "node-a" {
+        "reporter=\"source\""
+    } else {
+        "reporter=\"destination\""
+    }
+}
+
+#[test]
+fn metrics_count_connections_as_they_open_flow_and_close_on_both_reporters() -> Result<()> {
+    let s = setup()?;
+    // A long-lived connection: opened and its bytes counted while it is open.
+    let held = Exact::open(&s, "client", 10_000)?;
+    for node in ["node-a", "node-b"] {
+        let r = reporter(node);
+        s.wait_metrics(node, FLUSH_WAIT, |m| {
+            m.expect(OPENED, &[r, MTLS, FROM_CLIENT], 1)?;
+            m.expect(CLOSED, &[r], 0)?;
+            m.expect(RECEIVED, &[r, MTLS, FROM_CLIENT], 10_000)?;
+            m.expect(SENT, &[r, MTLS, FROM_CLIENT], 10_000)
+        })
+        .context("while the connection is open")?;
+        let open = s.open_connections(node)?;
+        ensure!(
+            open.len() == 1
+                && open[0]["security"] == "mutual_tls"
+                && open[0]["src_identity"] == CLIENT_ID
+                && open[0]["dst_identity"] == WEB_ID
+                && open[0]["bytes_sent"] == 10_000
+                && open[0]["bytes_received"] == 10_000,
+            "{node}'s /connections: {open:?}"
+        );
+    }
+    held.close()?;
+    for node in ["node-a", "node-b"] {
+        let r = reporter(node);
+        s.wait_metrics(node, LOG_WAIT, |m| {
+            m.expect(OPENED, &[r], 1)?;
+            m.expect(CLOSED, &[r, "response_flags=\"-\""], 1)?;
+            m.expect(CLOSED, &[r], 1)?;
+            m.expect(RECEIVED, &[r], 10_000)?;
+            m.expect(SENT, &[r], 10_000)
+        })
+        .context("once it closed")?;
+        ensure!(
+            s.open_connections(node)?.is_empty(),
+            "{node} lists a closed connection"
+        );
+    }
+
+    // Plaintext from outside the mesh (PERMISSIVE): counted by the destination, no lock.
+    Exact::open(&s, "outsider", 3_000)?.close()?;
+    s.wait_metrics("node-b", LOG_WAIT, |m| {
+        let plaintext = [
+            "reporter=\"destination\"",
+            "connection_security_policy=\"unknown\"",
+            "source_workload=\"unknown\"",
+        ];
+        m.expect(OPENED, &plaintext, 1)?;
+        m.expect(CLOSED, &plaintext, 1)?;
+        m.expect(RECEIVED, &plaintext, 3_000)?;
+        m.expect(SENT, &plaintext, 3_000)
+    })?;
+
+    // Revoked by a policy change: its bytes still count, and it closes as denied.
+    let mut revoked = Exact::open(&s, "client", 20_000)?;
+    s.cluster.apply_policy(
+        "deny-client",
+        &format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-client\n  namespace: default\nspec:\n  selector:\n    matchLabels:\n      app: web\n  action: DENY\n  rules:\n  - from:\n    - source:\n        principals: [\"{}\"]\n",
+            CLIENT_ID.trim_start_matches("spiffe://")
+        ),
+    )?;
+    revoked.wait_broken().context("the revoked connection")?;
+    // Denied: refused before any byte reaches web.
+    ensure!(
+        Exact::open(&s, "client", 100).is_err(),
+        "a denied connection got its echo"
+    );
+
+    let b = "reporter=\"destination\"";
+    s.wait_metrics("node-b", LOG_WAIT, |m| {
+        m.expect(OPENED, &[b, MTLS], 3)?;
+        m.expect(CLOSED, &[b, MTLS, "response_flags=\"-\""], 1)?;
+        m.expect(CLOSED, &[b, MTLS, "response_flags=\"DENY\""], 2)?;
+        m.expect(RECEIVED, &[b, MTLS], 30_000)?;
+        m.expect(SENT, &[b, MTLS], 30_000)
+    })?;
+    let a = "reporter=\"source\"";
+    s.wait_metrics("node-a", LOG_WAIT, |m| {
+        m.expect(OPENED, &[a, MTLS], 3)?;
+        m.expect(CLOSED, &[a, MTLS], 3)?;
+        m.expect(CLOSED, &[a, MTLS, "response_flags=\"DENY\""], 1)?;
+        // The revoked one: the far agent reset the stream.
+        m.expect(CLOSED, &[a, MTLS, "response_flags=\"UC\""], 1)?;
+        m.expect(RECEIVED, &[a, MTLS, "response_flags=\"-\""], 10_000)?;
+        m.expect(RECEIVED, &[a, MTLS, "response_flags=\"UC\""], 20_000)?;
+        m.expect(SENT, &[a, MTLS], 30_000)?;
+        // The source counts what it forwarded: the denied client's bytes, if they went into
+        // the tunnel before the refusal came back (then the far agent dropped them).
+        let early = m.sum(RECEIVED, &[a, MTLS, "response_flags=\"DENY\""]);
+        ensure!(
+            early <= 100,
+            "{early} bytes of a 100-byte denied connection"
+        );
+        Ok(())
+    })?;
+    let text = s.metrics("node-b")?;
+    ensure!(
+        text.contains("mesh_agent_inbound_rejections_total{reason=\"policy_denied\"} 1\n"),
+        "the denial is not counted with its reason:\n{text}"
+    );
+    Ok(())
+}
+
+#[test]
+fn one_access_log_line_per_connection_with_one_schema_both_ways() -> Result<()> {
+    let s = setup()?;
+    Exact::open(&s, "client", 1_234)?.close()?;
+    let web = s.cluster.pod("node-b", "web")?;
+    let dst = format!("{}:{ECHO_PORT}", web.ipv4());
+    let client_ip = s.pod("client")?.ipv4().to_string();
+    let closed = |node: &str, direction: &str| -> Result<Value> {
+        s.cluster
+            .wait_for_log(
+                node,
+                |l| {
+                    l["message"] == "connection closed"
+                        && l["direction"] == direction
+                        && l["dst_addr"] == dst.as_str()
+                },
+                LOG_WAIT,
+            )
+            .with_context(|| format!("{node}'s {direction} line"))
+    };
+    for (node, direction) in [("node-a", "outbound"), ("node-b", "inbound")] {
+        let line = closed(node, direction)?;
+        let src_addr = line["src_addr"].as_str().unwrap_or_default();
+        ensure!(
+            src_addr.starts_with(&format!("{client_ip}:"))
+                && line["src_workload"] == "default/client"
+                && line["src_identity"] == CLIENT_ID
+                && line["dst_workload"] == "default/web"
+                && line["dst_identity"] == WEB_ID
+                && line["security"] == "mutual_tls"
+                && line["response_flags"] == "-"
+                && line["bytes_sent"] == 1_234
+                && line["bytes_received"] == 1_234
+                && line["duration_ms"].is_u64()
+                && line.get("error").is_none(),
+            "{node}'s line: {line}"
+        );
+        let lines = s
+            .cluster
+            .agent_logs(node)?
+            .into_iter()
+            .filter(|l| l["message"] == "connection closed" && l["dst_addr"] == dst.as_str())
+            .count();
+        ensure!(lines == 1, "{node} logged {lines} lines for one connection");
+    }
+    Ok(())
+}
+
+#[test]
+fn the_log_level_changes_at_run_time_and_text_logs_carry_no_colours() -> Result<()> {
+    let s = setup()?;
+    let post = |level: &str| {
+        s.cluster.run_in_node(
+            "node-a",
+            "curl",
+            [
+                "-sS",
+                "-X",
+                "POST",
+                "-w",
+                "%{http_code}",
+                &format!("http://127.0.0.1:15000/logging?level={level}"),
+            ],
+            Duration::from_secs(10),
+        )
+    };
+    ensure!(
+        s.get("node-a", "http://127.0.0.1:15000/logging")?.trim() == "info",
+        "the default filter"
+    );
+    let bad = post("no%3D%3Dsuch")?;
+    ensure!(
+        bad.stdout_str().ends_with("400"),
+        "a bad filter: {}",
+        bad.stdout_str()
+    );
+    let ok = post("debug")?;
+    ensure!(
+        ok.stdout_str().trim_end().ends_with("200"),
+        "{}",
+        ok.stdout_str()
+    );
+    Exact::open(&s, "client", 10)?.close()?;
+    s.cluster
+        .wait_for_log(
+            "node-a",
+            |l| l["message"] == "connection opened" && l["direction"] == "outbound",
+            LOG_WAIT,
+        )
+        .context("at debug, a `connection opened` line")?;
+    // The text format, written to a pipe (not a terminal), has no escape sequences.
+    let failed = std::process::Command::new(mesh_tests::agent_bin())
+        .args([
+            "run",
+            "--cluster",
+            "/nonexistent/cluster.yaml",
+            "--node",
+            "n",
+        ])
+        .output()?;
+    let log = String::from_utf8_lossy(&failed.stdout);
+    ensure!(
+        !failed.status.success() && log.contains("ERROR") && log.contains("mesh-agent failed"),
+        "the text log of a failed start: {log}"
+    );
+    ensure!(
+        !failed.stdout.contains(&0x1b),
+        "escape sequences in a text log that is not a terminal: {log:?}"
+    );
+    Ok(())
+}
