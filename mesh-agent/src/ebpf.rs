@@ -330,6 +330,45 @@ pub fn uninstall(pin_dir: &Path) -> anyhow::Result<()> {
     fs::remove_dir_all(pin_dir).with_context(|| format!("removing {}", pin_dir.display()))
 }
 
+/// The node's attachments, as pinned under `pin_dir` (what is pinned stays attached, with or
+/// without an agent): where each program is attached and what it does.
+pub fn attachments(pin_dir: &Path, workload_cgroup: &Path) -> Vec<serde_json::Value> {
+    let links_dir = pin_dir.join(PIN_LAYOUT).join("links");
+    let mut names: Vec<String> = fs::read_dir(&links_dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .collect();
+    names.sort();
+    let cgroup = workload_cgroup.display().to_string();
+    names
+        .into_iter()
+        .map(|name| {
+            let (hook, target, role) = match name.as_str() {
+                programs::CONNECT4 | programs::CONNECT6 => {
+                    ("cgroup/connect", cgroup.clone(), "outbound capture")
+                }
+                programs::SOCK_OPS => ("sockops", cgroup.clone(), "original destinations"),
+                programs::GUARD_INGRESS | programs::GUARD_EGRESS => {
+                    ("cgroup_skb", cgroup.clone(), "fail-closed guard")
+                }
+                other => match other
+                    .strip_prefix(programs::SK_LOOKUP)
+                    .and_then(|rest| rest.strip_prefix('_'))
+                {
+                    Some(inode) => (
+                        "sk_lookup",
+                        format!("netns inode {inode}"),
+                        "inbound capture",
+                    ),
+                    None => ("unknown", String::new(), "unknown"),
+                },
+            };
+            serde_json::json!({"link": name, "hook": hook, "target": target, "role": role})
+        })
+        .collect()
+}
+
 pub fn default_pin_dir(node: &str) -> PathBuf {
     Path::new(DEFAULT_BPFFS).join("mesh").join(node)
 }

@@ -20,6 +20,30 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The node's workloads, certificates and open connections, from the local agent's admin
+    /// API; with --plaintext, who still reaches each workload in plaintext.
+    Status {
+        /// The agent's admin address.
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin: std::net::SocketAddr,
+        /// The migration report: for each workload that still accepts plaintext, the clients
+        /// that reached it in plaintext (when, how many), so you know when STRICT is safe.
+        #[arg(long)]
+        plaintext: bool,
+    },
+    /// The service graph from Prometheus, as Kiali's security view draws it: a lock for mTLS,
+    /// an open mark for plaintext, red for denied, a badge for same-node (docs/observability.md).
+    Graph {
+        /// Prometheus's URL.
+        #[arg(long, env = "MESH_PROMETHEUS")]
+        prometheus: String,
+        /// The rate window (PromQL duration).
+        #[arg(long, default_value = "5m")]
+        window: String,
+        /// Where to write it: `.dot`, or `.svg`/`.png` rendered by Graphviz's `dot`.
+        #[arg(long, default_value = "mesh-graph.dot")]
+        out: PathBuf,
+    },
     /// Run the agent for one node until SIGTERM.
     Run {
         /// The cluster file (docs/cluster-file.md).
@@ -138,6 +162,37 @@ fn main() -> ExitCode {
 
 fn execute(command: Command) -> anyhow::Result<()> {
     match command {
+        Command::Graph {
+            prometheus,
+            window,
+            out,
+        } => {
+            let request = mesh_agent::admin::graph::GraphRequest {
+                prometheus,
+                window,
+                out,
+            };
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let edges = runtime.block_on(mesh_agent::admin::graph::draw(&request))?;
+            println!("wrote {} ({} edges)", request.out.display(), edges.len());
+            Ok(())
+        }
+        Command::Status { admin, plaintext } => {
+            let report = if plaintext {
+                mesh_agent::admin::status::Report::Plaintext
+            } else {
+                mesh_agent::admin::status::Report::Node
+            };
+            // A client: one thread, and no log line on stdout before the report.
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let text = runtime.block_on(mesh_agent::admin::status::status(admin, report))?;
+            print!("{text}");
+            Ok(())
+        }
         Command::Run {
             cluster,
             kubernetes: _,

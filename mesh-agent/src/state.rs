@@ -291,6 +291,30 @@ impl<'a> LabelIndex<'a> {
 }
 
 impl WorkloadInfo {
+    /// `namespace/name` on node `test`, service account `default`, IP 10.0.0.2.
+    #[cfg(test)]
+    pub(crate) fn for_tests(uid: &str) -> Self {
+        let (namespace, workload_name) = uid.split_once('/').expect("namespace/name");
+        let name = |text: &str| Name::try_from(text.to_owned()).expect("a valid name");
+        let workload = Workload {
+            name: name(workload_name),
+            namespace: name(namespace),
+            service_account: name("default"),
+            labels: Default::default(),
+            ips: vec![std::net::IpAddr::from([10, 0, 0, 2])],
+            netns: "/var/run/netns/test".into(),
+            cgroup: "/sys/fs/cgroup/test".into(),
+        };
+        let node = Node {
+            name: name("test"),
+            addresses: Vec::new(),
+            workload_cgroup: "/sys/fs/cgroup".into(),
+            excluded_ports: Vec::new(),
+            workloads: Vec::new(),
+        };
+        Self::new(&workload, &node, &name("cluster.local")).expect("a valid workload")
+    }
+
     fn new(workload: &Workload, node: &Node, trust_domain: &Name) -> Result<Self, StateError> {
         let uid = workload.qualified_name();
         let identity = workload

@@ -54,6 +54,7 @@ pub mod interrupt;
 pub mod kube;
 pub mod kubelet;
 mod pod;
+mod prometheus;
 pub mod seed;
 mod services;
 mod sweep;
@@ -69,5 +70,6 @@ pub use cluster::{
     ConnectionLog, Node, NodeSpec, PodSpec, Reload, agent_bin, is_connection_closed, scratch_root,
 };
 pub use pod::{ChildGuard, HttpServer, Pod, RunOutput, addr, http_url, run_with_timeout};
+pub use prometheus::{AGENTS_JOB, PROMETHEUS_IPV4, Prometheus};
 pub use services::{Service, ServiceSpec};
 pub use sweep::{owner_pid, sweep_stale};

@@ -56,6 +56,28 @@ fn quick_benchmark_measures_every_path_and_writes_its_report_and_chart() -> Resu
             "direct, mesh and stunnel are not all measured: {row}"
         );
     }
+    // The same-node table: direct and the short-circuited mesh path, both measured.
+    let same_node = report
+        .split("| figure | direct same-node")
+        .nth(1)
+        .with_context(|| format!("no same-node table in:\n{report}"))?;
+    for figure in [
+        "throughput 1 stream",
+        "RR 1 KiB latency p50",
+        "new connections/s",
+    ] {
+        let row = same_node
+            .lines()
+            .find(|l| l.starts_with(&format!("| {figure}")))
+            .with_context(|| format!("no same-node row for {figure}"))?;
+        let measured = row
+            .split('|')
+            .skip(2)
+            .take(2)
+            .filter(|cell| cell.trim().parse::<f64>().is_ok_and(|v| v > 0.0))
+            .count();
+        ensure!(measured == 2, "same-node paths not both measured: {row}");
+    }
     ensure!(
         report.contains("eBPF ns per captured connection:"),
         "no eBPF cost in:\n{report}"

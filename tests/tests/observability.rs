@@ -55,8 +55,8 @@ except OSError as e:
     sys.exit(1)
 "#;
 
-/// node-a: `client` (sa client) and `outsider` (not in the mesh); node-b: `web` (app=web) with
-/// an echo server on 7000.
+/// node-a: `client` (sa client), `client2` (sa other) and `outsider` (not in the mesh); node-b:
+/// `web` (app=web) with an echo server on 7000.
 struct Setup {
     cluster: Cluster,
     _echo: ChildGuard,
@@ -67,6 +67,7 @@ fn setup() -> Result<Setup> {
         .node(
             NodeSpec::new("node-a")
                 .pod(PodSpec::new("client").service_account("client"))
+                .pod(PodSpec::new("client2").service_account("other"))
                 .pod(PodSpec::new("outsider").enrolled(false)),
         )
         .node(NodeSpec::new("node-b").pod(PodSpec::new("web").label("app", "web")))
@@ -229,6 +230,14 @@ fn reporter(node: &str) -> &'static str {
     }
 }
 
+/// An AuthorizationPolicy denying `principal` (a SPIFFE ID) access to web.
+fn deny(name: &str, principal: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  selector:\n    matchLabels:\n      app: web\n  action: DENY\n  rules:\n  - from:\n    - source:\n        principals: [\"{}\"]\n",
+        principal.trim_start_matches("spiffe://")
+    )
+}
+
 #[test]
 fn metrics_count_connections_as_they_open_flow_and_close_on_both_reporters() -> Result<()> {
     let s = setup()?;
@@ -287,13 +296,8 @@ fn metrics_count_connections_as_they_open_flow_and_close_on_both_reporters() -> 
 
     // Revoked by a policy change: its bytes still count, and it closes as denied.
     let mut revoked = Exact::open(&s, "client", 20_000)?;
-    s.cluster.apply_policy(
-        "deny-client",
-        &format!(
-            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-client\n  namespace: default\nspec:\n  selector:\n    matchLabels:\n      app: web\n  action: DENY\n  rules:\n  - from:\n    - source:\n        principals: [\"{}\"]\n",
-            CLIENT_ID.trim_start_matches("spiffe://")
-        ),
-    )?;
+    s.cluster
+        .apply_policy("deny-client", &deny("deny-client", CLIENT_ID))?;
     revoked.wait_broken().context("the revoked connection")?;
     // Denied: refused before any byte reaches web.
     ensure!(
@@ -444,6 +448,203 @@ fn the_log_level_changes_at_run_time_and_text_logs_carry_no_colours() -> Result<
     ensure!(
         !failed.stdout.contains(&0x1b),
         "escape sequences in a text log that is not a terminal: {log:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn status_lists_the_node_and_the_plaintext_report_says_when_strict_is_safe() -> Result<()> {
+    let s = setup()?;
+    let outsider = s.pod("outsider")?.ipv4().to_string();
+    let client = s.pod("client")?.ipv4().to_string();
+    for _ in 0..2 {
+        Exact::open(&s, "outsider", 10)?.close()?;
+    }
+    let held = Exact::open(&s, "client", 10)?;
+    let status = |args: &[&str]| -> Result<String> {
+        let agent = mesh_tests::agent_bin();
+        let agent = agent.to_str().context("the agent's path")?;
+        let out = s
+            .cluster
+            .run_in_node("node-b", agent, args.iter().copied(), LOG_WAIT)?;
+        ensure!(out.success(), "mesh-agent {args:?}: {}", out.stderr_str());
+        Ok(out.stdout_str())
+    };
+    let node = status(&["status"])?;
+    for want in [
+        "Node node-b, trust domain cluster.local: ready",
+        "default/web",
+        WEB_ID,
+        "PERMISSIVE (default)",
+        "expires in",
+        "Open connections (1)",
+        "inbound",
+        "default/client",
+        "🔒 mTLS",
+    ] {
+        ensure!(node.contains(want), "no {want:?} in `status`:\n{node}");
+    }
+    let report = status(&["status", "--plaintext"])?;
+    let outsider_row = report
+        .lines()
+        .find(|l| l.contains(&format!("{outsider} (outside the mesh)")))
+        .with_context(|| format!("the outsider is not in the report:\n{report}"))?;
+    ensure!(
+        outsider_row.contains("default/web")
+            && outsider_row.contains(" 2 ")
+            && outsider_row.contains(&format!("{ECHO_PORT}"))
+            && outsider_row.contains("would be refused"),
+        "the outsider's row: {outsider_row}\n{report}"
+    );
+    ensure!(
+        !report.contains(&client),
+        "an mTLS client is in the plaintext report:\n{report}"
+    );
+    held.close()?;
+
+    let dump: Value =
+        serde_json::from_str(&s.get("node-b", "http://127.0.0.1:15000/config_dump")?)?;
+    let web = &dump["workloads"][0];
+    ensure!(web["mtls"]["mode"] == "PERMISSIVE", "{web}");
+    let leaf = &dump["certificates"][0]["chain"][0];
+    ensure!(
+        leaf["uris"]
+            .as_array()
+            .is_some_and(|u| u.iter().any(|u| u == WEB_ID)),
+        "the leaf of the chain: {leaf}"
+    );
+    let hooks: Vec<&str> = dump["ebpf"]["attachments"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a["hook"].as_str())
+        .collect();
+    for hook in ["cgroup/connect", "sockops", "cgroup_skb", "sk_lookup"] {
+        ensure!(hooks.contains(&hook), "no {hook} attachment: {hooks:?}");
+    }
+
+    s.cluster.apply_policy(
+        "strict",
+        &common::peer_auth("default", "default", None, "STRICT"),
+    )?;
+    let report = status(&["status", "--plaintext"])?;
+    ensure!(
+        report.contains("Already STRICT: default/web") && !report.contains("would be refused"),
+        "after STRICT:\n{report}"
+    );
+    Ok(())
+}
+
+#[test]
+fn prometheus_scrapes_every_agent_and_the_graph_marks_each_edge() -> Result<()> {
+    let s = setup()?;
+    let prometheus = mesh_tests::Prometheus::start(&s.cluster)?;
+    prometheus.wait_for_agents(2)?;
+    s.cluster.apply_policy(
+        "deny-other",
+        &deny("deny-other", "spiffe://cluster.local/ns/default/sa/other"),
+    )?;
+    let traffic = || -> Result<()> {
+        Exact::open(&s, "client", 2_000)?.close()?;
+        Exact::open(&s, "outsider", 1_000)?.close()?;
+        ensure!(
+            Exact::open(&s, "client2", 10).is_err(),
+            "client2 was not denied"
+        );
+        Ok(())
+    };
+    // Rates need a counter seen before it grows: a first round makes the series, a second one
+    // (after a scrape) is the traffic the graph shows.
+    traffic()?;
+    let series = |result: &[Value]| {
+        let has = |source: &str, security: &str| {
+            result.iter().any(|r| {
+                r["metric"]["source_workload"] == source
+                    && r["metric"]["connection_security_policy"] == security
+            })
+        };
+        has("client", "mutual_tls") && has("unknown", "unknown") && has("client2", "mutual_tls")
+    };
+    // Kiali's security view: connections to web by source and security, from the destination.
+    let kiali = "sum by (source_workload, destination_workload, connection_security_policy) \
+                 (istio_tcp_connections_opened_total{reporter=\"destination\", destination_workload=\"web\"})";
+    prometheus.wait_for(kiali, FLUSH_WAIT, series)?;
+    thread::sleep(Duration::from_secs(2));
+    traffic()?;
+    let grown = "sum by (source_workload, destination_workload, connection_security_policy) \
+                 (increase(istio_tcp_connections_opened_total{reporter=\"destination\", destination_workload=\"web\"}[1m])) > 0";
+    prometheus.wait_for(grown, FLUSH_WAIT, series)?;
+    prometheus.wait_for(
+        "sum(increase(istio_tcp_connections_closed_total{reporter=\"destination\", response_flags=\"DENY\"}[1m])) > 0",
+        FLUSH_WAIT,
+        |r| !r.is_empty(),
+    )?;
+
+    let agent = mesh_tests::agent_bin();
+    let agent = agent.to_str().context("the agent's path")?;
+    let out_dir = prometheus.dir().to_owned();
+    let dot_path = out_dir.join("graph.dot");
+    let drawn = prometheus.run(
+        agent,
+        [
+            "graph",
+            "--prometheus",
+            &prometheus.url(),
+            "--window",
+            "1m",
+            "--out",
+            dot_path.to_str().context("path")?,
+        ],
+    )?;
+    ensure!(drawn.success(), "mesh-agent graph: {}", drawn.stderr_str());
+    let dot = std::fs::read_to_string(&dot_path)?;
+    let edge = |source: &str| -> Result<&str> {
+        dot.lines()
+            .find(|l| {
+                l.trim_start()
+                    .starts_with(&format!("\"{source}\" -> \"default/web\""))
+            })
+            .with_context(|| format!("no edge from {source}:\n{dot}"))
+    };
+    let mtls = edge("default/client")?;
+    ensure!(
+        mtls.contains("🔒 mTLS") && !mtls.contains("denied"),
+        "{mtls}"
+    );
+    let plaintext = edge("unknown")?;
+    ensure!(
+        plaintext.contains("🔓 plaintext") && plaintext.contains("dashed"),
+        "{plaintext}"
+    );
+    let denied = edge("default/client2")?;
+    ensure!(
+        denied.contains("denied") && denied.contains("#c62828"),
+        "{denied}"
+    );
+
+    // With Graphviz installed, the same graph as SVG.
+    let svg_path = out_dir.join("graph.svg");
+    let drawn = prometheus.run(
+        agent,
+        [
+            "graph",
+            "--prometheus",
+            &prometheus.url(),
+            "--window",
+            "1m",
+            "--out",
+            svg_path.to_str().context("path")?,
+        ],
+    )?;
+    ensure!(
+        drawn.success(),
+        "mesh-agent graph (svg): {}",
+        drawn.stderr_str()
+    );
+    let svg = std::fs::read_to_string(&svg_path)?;
+    ensure!(
+        svg.contains("<svg") && svg.contains("default/client2"),
+        "{svg}"
     );
     Ok(())
 }

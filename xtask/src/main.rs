@@ -13,9 +13,12 @@ use clap::{Parser, Subcommand};
 
 mod go_tools;
 
-/// Debian packages used by the tests, the demo and the benchmarks (prometheus: promtool;
-/// fonts-dejavu-core: the font of mesh-bench's PNG chart; linux-perf: `bench --profile`;
-/// nftables: the test cluster's stand-in for kube-proxy, for pods outside the mesh).
+/// Debian packages used by the tests, the demo and the benchmarks (prometheus: the server the
+/// graph is drawn from, and promtool; graphviz: `dot`, which renders the graph as SVG/PNG;
+/// fonts-symbola: the graph's lock and link marks in PNG; fonts-dejavu-core: the font of
+/// mesh-bench's PNG chart and the graph; linux-perf:
+/// `bench --profile`; nftables: the test cluster's stand-in for kube-proxy, for pods outside
+/// the mesh).
 const DEB_PACKAGES: &[&str] = &[
     "iproute2",
     "curl",
@@ -29,6 +32,8 @@ const DEB_PACKAGES: &[&str] = &[
     "bpftool",
     "procps",
     "prometheus",
+    "graphviz",
+    "fonts-symbola",
     "fonts-dejavu-core",
     "linux-perf",
     "nftables",

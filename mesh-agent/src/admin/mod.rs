@@ -6,10 +6,16 @@
 //! - [`serve`] (or [`AdminServer::bind`] then [`AdminServer::run`], to learn the bound ports):
 //!   `/config_dump` on 127.0.0.1:15000, `/metrics` on :15020, `/healthz/ready` on :15021.
 //!
+//! - [`status`]: `mesh-agent status`, a client of the admin API;
+//! - [`graph`]: `mesh-agent graph`, the service graph from Prometheus.
+//!
 //! docs/observability.md is the user-facing description of both.
 
+mod client;
+pub mod graph;
 mod metrics;
 mod server;
+pub mod status;
 
 pub use metrics::{
     ConnectionLabels, Metrics, OPENMETRICS_CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE, RenewalResult,

@@ -60,8 +60,8 @@ pub struct AdminState {
     /// What `/healthz/ready` says besides, ready or not (a CA away, say).
     notes: Arc<Mutex<Vec<String>>>,
     pub config_dump: ConfigDumpFn,
-    /// The open connections, for `/connections`.
-    pub connections: ConfigDumpFn,
+    /// More JSON documents on the admin port, by path (`/connections`, `/plaintext_clients`).
+    json: Arc<Vec<(&'static str, ConfigDumpFn)>>,
 }
 
 impl AdminState {
@@ -75,17 +75,22 @@ impl AdminState {
             not_ready: Arc::new(Mutex::new(vec!["starting".to_owned()])),
             notes: Arc::new(Mutex::new(Vec::new())),
             config_dump: Arc::new(config_dump),
-            connections: Arc::new(|| serde_json::json!([])),
+            json: Arc::new(Vec::new()),
         }
     }
 
-    /// Serves `connections()` on `/connections`.
-    pub fn with_connections(
+    /// Serves `document()` as JSON on `path` of the admin port.
+    pub fn with_json(
         mut self,
-        connections: impl Fn() -> serde_json::Value + Send + Sync + 'static,
+        path: &'static str,
+        document: impl Fn() -> serde_json::Value + Send + Sync + 'static,
     ) -> Self {
-        self.connections = Arc::new(connections);
+        Arc::make_mut(&mut self.json).push((path, Arc::new(document)));
         self
+    }
+
+    fn json_document(&self, path: &str) -> Option<&ConfigDumpFn> {
+        self.json.iter().find(|(p, _)| *p == path).map(|(_, f)| f)
     }
 
     pub fn set_ready(&self, ready: bool) {
@@ -347,12 +352,10 @@ impl Router {
         let (method, path) = (request.method(), request.uri().path());
         let known = matches!(
             (endpoint, path),
-            (
-                Endpoint::Admin,
-                "/" | "/config_dump" | "/connections" | "/logging"
-            ) | (Endpoint::Metrics, "/metrics" | "/stats/prometheus")
+            (Endpoint::Admin, "/" | "/config_dump" | "/logging")
+                | (Endpoint::Metrics, "/metrics" | "/stats/prometheus")
                 | (Endpoint::Readiness, "/healthz/ready")
-        );
+        ) || (endpoint == Endpoint::Admin && self.state.json_document(path).is_some());
         if !known {
             return text(StatusCode::NOT_FOUND, "not found\n");
         }
@@ -364,10 +367,11 @@ impl Router {
         }
         match (endpoint, path) {
             (Endpoint::Admin, "/config_dump") => self.config_dump(),
-            (Endpoint::Admin, "/connections") => {
-                json_response(&(self.state.connections)(), "/connections")
-            }
-            (Endpoint::Admin, _) => text(StatusCode::OK, self.index()),
+            (Endpoint::Admin, "/") => text(StatusCode::OK, self.index()),
+            (Endpoint::Admin, other) => match self.state.json_document(other) {
+                Some(document) => json_response(&document(), other),
+                None => text(StatusCode::NOT_FOUND, "not found\n"),
+            },
             (Endpoint::Metrics, _) if wants_openmetrics(request) => with_type(
                 StatusCode::OK,
                 OPENMETRICS_CONTENT_TYPE,
@@ -430,10 +434,11 @@ impl Router {
              \x20 http://{}/              this list\n\
              \x20 http://{}/config_dump   workloads, certificates and policies (JSON)\n\
              \x20 http://{}/connections   open connections (JSON)\n\
+             \x20 http://{}/plaintext_clients  who reached which workload in plaintext (JSON)\n\
              \x20 http://{}/logging       the log filter; POST ?level=debug changes it\n\
              \x20 http://{}/metrics       Prometheus / OpenMetrics metrics\n\
              \x20 http://{}/healthz/ready readiness (200 ready, 503 not ready)\n",
-            a.admin, a.admin, a.admin, a.admin, a.metrics, a.readiness
+            a.admin, a.admin, a.admin, a.admin, a.admin, a.metrics, a.readiness
         )
     }
 }

@@ -29,7 +29,7 @@ use crate::{
     },
     kubernetes::{self, MeshConfig},
     netns,
-    policy::{PolicySet, PolicyWatcher},
+    policy::{PolicySet, PolicyWatcher, WorkloadRef},
     proxy::{
         hbone::HboneClient,
         inbound::{InboundContext, LocalTargets},
@@ -37,7 +37,7 @@ use crate::{
         record::Connections,
     },
     sources::{CLUSTER_FILE_POLL_INTERVAL, ClusterFileSource},
-    state::{State, StateStore},
+    state::StateStore,
     workload::{Cluster, Signer},
 };
 use reconcile::Reconciler;
@@ -108,15 +108,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         None => start_policy(&state.cluster, &shutdown)?,
     };
     let connections = Connections::new(metrics.clone());
-    let admin = start_admin(
-        &config,
-        &connections,
-        &store,
-        &identities,
-        &policy,
-        &shutdown,
-    )
-    .await?;
+    let dump = ConfigDump {
+        store: store.clone(),
+        identities: identities.clone(),
+        policy: policy.clone(),
+        pin_dir: pin_dir.clone(),
+    };
+    let admin = start_admin(&config, &connections, dump, &shutdown).await?;
     let local = LocalTargets::default();
     tracker.spawn(connections.clone().flush_periodically(shutdown.clone()));
     let context = Arc::new(NodeContext {
@@ -351,23 +349,26 @@ pub(crate) struct NodeContext {
     tracker: TaskTracker,
 }
 
-/// Serves metrics (15020), readiness (15021), the config dump and the open connections
-/// (127.0.0.1:15000) in the node's namespace; readiness turns on once every workload is served.
+/// Serves metrics (15020), readiness (15021), the config dump, the open connections and the
+/// plaintext clients (127.0.0.1:15000) in the node's namespace; readiness turns on once every
+/// workload is served.
 async fn start_admin(
     config: &Config,
     connections: &Connections,
-    store: &StateStore,
-    identities: &IdentityStore,
-    policy: &watch::Receiver<Arc<PolicySet>>,
+    dump: ConfigDump,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<AdminState> {
-    let dump = {
-        let (store, identities, policy) = (store.clone(), identities.clone(), policy.clone());
-        move || config_dump(&store.load(), &identities, &policy.borrow())
-    };
-    let open = connections.clone();
-    let state = AdminState::new(connections.metrics().clone(), dump)
-        .with_connections(move || serde_json::to_value(open.list()).unwrap_or_default());
+    let (open, plaintext) = (connections.clone(), connections.clone());
+    let state = AdminState::new(connections.metrics().clone(), move || dump.render())
+        .with_json("/connections", move || {
+            serde_json::to_value(open.list()).unwrap_or_default()
+        })
+        .with_json("/plaintext_clients", move || {
+            serde_json::json!({
+                "since": plaintext.started_at(),
+                "clients": plaintext.plaintext_clients(),
+            })
+        });
     let server = AdminServer::bind(&config.admin).await?;
     let (state_for_server, shutdown) = (state.clone(), shutdown.clone());
     tokio::spawn(async move {
@@ -378,59 +379,86 @@ async fn start_admin(
     Ok(state)
 }
 
-/// What the agent serves, for `GET /config_dump`: workloads, services, certificates, policies.
-fn config_dump(state: &State, identities: &IdentityStore, policy: &PolicySet) -> serde_json::Value {
-    let workloads: Vec<_> = state
-        .local_workloads()
-        .iter()
-        .map(|w| {
-            serde_json::json!({
-                "name": w.uid,
-                "serviceAccount": w.workload.service_account.as_str(),
-                "identity": w.identity.to_string(),
-                "ips": w.workload.ips,
-                "netns": w.workload.netns,
-                "cgroup": w.workload.cgroup,
+/// What `GET /config_dump` shows: workloads (with the mTLS mode they accept), Services,
+/// certificates (with their chains), policies and the eBPF attachments.
+struct ConfigDump {
+    store: StateStore,
+    identities: IdentityStore,
+    policy: watch::Receiver<Arc<PolicySet>>,
+    pin_dir: PathBuf,
+}
+
+impl ConfigDump {
+    fn render(&self) -> serde_json::Value {
+        let state = self.store.load();
+        let policy = self.policy.borrow().clone();
+        let workloads: Vec<_> = state
+            .local_workloads()
+            .iter()
+            .map(|w| {
+                let mtls = policy.resolve_mtls(&WorkloadRef::from(&w.workload), 0);
+                serde_json::json!({
+                    "name": w.uid,
+                    "serviceAccount": w.workload.service_account.as_str(),
+                    "identity": w.identity.to_string(),
+                    "ips": w.workload.ips,
+                    "netns": w.workload.netns,
+                    "cgroup": w.workload.cgroup,
+                    "mtls": {
+                        "mode": mtls.mode.as_str(),
+                        "scope": mtls.scope.to_string(),
+                        "policy": mtls.policy,
+                    },
+                })
             })
-        })
-        .collect();
-    let services: Vec<_> = state
-        .services()
-        .iter()
-        .map(|s| {
-            serde_json::json!({
-                "name": s.uid,
-                "hostname": s.hostname,
-                "addresses": s.service.addresses,
-                "ports": s.service.ports.iter().map(|p| serde_json::json!({"port": p.port, "targetPort": p.target()})).collect::<Vec<_>>(),
-                "endpoints": s.endpoints.iter().map(|e| e.uid.as_str()).collect::<Vec<_>>(),
+            .collect();
+        let services: Vec<_> = state
+            .services()
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "name": s.uid,
+                    "hostname": s.hostname,
+                    "addresses": s.service.addresses,
+                    "ports": s.service.ports.iter().map(|p| serde_json::json!({"port": p.port, "targetPort": p.target()})).collect::<Vec<_>>(),
+                    "endpoints": s.endpoints.iter().map(|e| e.uid.as_str()).collect::<Vec<_>>(),
+                })
             })
+            .collect();
+        let certificates: Vec<_> = self
+            .identities
+            .identities()
+            .into_iter()
+            .filter_map(|id| {
+                let cert = self.identities.current(&id)?;
+                Some(serde_json::json!({
+                    "identity": id.to_string(),
+                    "serial": cert.serial(),
+                    "notBefore": humantime::format_rfc3339_seconds(cert.not_before()).to_string(),
+                    "notAfter": humantime::format_rfc3339_seconds(cert.not_after()).to_string(),
+                    "chain": cert.chain_summary(),
+                }))
+            })
+            .collect();
+        let node = state.node();
+        serde_json::json!({
+            "node": node.name.as_str(),
+            "trustDomain": state.cluster.trust_domain.as_str(),
+            "workloads": workloads,
+            "services": services,
+            "certificates": certificates,
+            "policy": {
+                "files": policy.files(),
+                "peerAuthentications": policy.peer_authentication_count(),
+                "authorizationPolicies": policy.authorization_policy_count(),
+            },
+            "ebpf": {
+                "pinDir": self.pin_dir,
+                "workloadCgroup": node.workload_cgroup,
+                "attachments": ebpf::attachments(&self.pin_dir, &node.workload_cgroup),
+            },
         })
-        .collect();
-    let certificates: Vec<_> = identities
-        .identities()
-        .into_iter()
-        .filter_map(|id| {
-            let cert = identities.current(&id)?;
-            Some(serde_json::json!({
-                "identity": id.to_string(),
-                "serial": cert.serial(),
-                "notAfter": humantime::format_rfc3339_seconds(cert.not_after()).to_string(),
-            }))
-        })
-        .collect();
-    serde_json::json!({
-        "node": state.node().name.as_str(),
-        "trustDomain": state.cluster.trust_domain.as_str(),
-        "workloads": workloads,
-        "services": services,
-        "certificates": certificates,
-        "policy": {
-            "files": policy.files(),
-            "peerAuthentications": policy.peer_authentication_count(),
-            "authorizationPolicies": policy.authorization_policy_count(),
-        },
-    })
+    }
 }
 
 /// Loads the policies the cluster file names and keeps them current; without a path, the mesh

@@ -597,6 +597,65 @@ impl WorkloadCert {
     pub fn certified_key(&self) -> Arc<CertifiedKey> {
         Arc::clone(&self.certified_key)
     }
+
+    /// Each certificate of the chain, leaf first, as the admin API shows it.
+    pub fn chain_summary(&self) -> Vec<CertSummary> {
+        self.chain.iter().map(|der| CertSummary::of(der)).collect()
+    }
+}
+
+/// One certificate of a chain, as the admin API shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CertSummary {
+    pub subject: String,
+    pub issuer: String,
+    /// Colon-separated hex.
+    pub serial: String,
+    /// RFC 3339.
+    pub not_before: String,
+    pub not_after: String,
+    /// The URI SANs (a workload certificate's SPIFFE ID).
+    pub uris: Vec<String>,
+}
+
+impl CertSummary {
+    fn of(der: &[u8]) -> Self {
+        let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+            return Self {
+                subject: "(unparsable certificate)".to_owned(),
+                issuer: String::new(),
+                serial: String::new(),
+                not_before: String::new(),
+                not_after: String::new(),
+                uris: Vec::new(),
+            };
+        };
+        let time = |t: x509_parser::time::ASN1Time| format_time(t.to_datetime().into());
+        let uris = cert
+            .subject_alternative_name()
+            .ok()
+            .flatten()
+            .map(|san| {
+                san.value
+                    .general_names
+                    .iter()
+                    .filter_map(|name| match name {
+                        x509_parser::extensions::GeneralName::URI(uri) => Some((*uri).to_owned()),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Self {
+            subject: cert.subject().to_string(),
+            issuer: cert.issuer().to_string(),
+            serial: cert.raw_serial_as_string(),
+            not_before: time(cert.validity().not_before),
+            not_after: time(cert.validity().not_after),
+            uris,
+        }
+    }
 }
 
 /// What this module needs to know about a certificate.

@@ -289,6 +289,37 @@ struct Table {
     metrics: Metrics,
     next_id: AtomicU64,
     shards: [Mutex<HashMap<u64, Arc<Open>>>; SHARDS],
+    /// By destination workload: who reached it in plaintext ([`Connections::plaintext_clients`]).
+    plaintext: [Mutex<HashMap<PlaintextKey, PlaintextClient>>; SHARDS],
+    started: SystemTime,
+}
+
+/// A workload of this node, and an address that reached it in plaintext.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct PlaintextKey {
+    workload: String,
+    client: std::net::IpAddr,
+}
+
+/// Clients remembered per workload; beyond this the least recently seen is forgotten.
+const PLAINTEXT_CLIENTS_PER_SHARD: usize = 4096;
+
+/// A client that reached a workload of this node in plaintext, for the migration report.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlaintextClient {
+    /// `namespace/name` of the workload reached.
+    pub workload: String,
+    /// The client's IP.
+    pub client: std::net::IpAddr,
+    /// `namespace/name`, when the IP is a workload the agent knows (of the mesh or not).
+    pub client_workload: Option<String>,
+    /// Plaintext connections admitted from it.
+    pub connections: u64,
+    /// The last port it connected to.
+    pub last_port: u16,
+    /// Unix time, seconds.
+    pub first_seen: u64,
+    pub last_seen: u64,
 }
 
 /// One open connection, as the admin API lists it.
@@ -317,6 +348,8 @@ impl Connections {
                 metrics,
                 next_id: AtomicU64::new(0),
                 shards: Default::default(),
+                plaintext: Default::default(),
+                started: SystemTime::now(),
             }),
         }
     }
@@ -371,6 +404,62 @@ impl Connections {
                 }
             })
             .collect()
+    }
+
+    /// Who reached this node's workloads in plaintext since the agent started, most recent
+    /// first: what an operator needs to know before turning STRICT on.
+    pub fn plaintext_clients(&self) -> Vec<PlaintextClient> {
+        let mut all: Vec<_> = self
+            .inner
+            .plaintext
+            .iter()
+            .flat_map(|shard| lock(shard).values().cloned().collect::<Vec<_>>())
+            .collect();
+        all.sort_by(|a, b| b.last_seen.cmp(&a.last_seen));
+        all
+    }
+
+    /// Since when [`Self::plaintext_clients`] counts (Unix time, seconds).
+    pub fn started_at(&self) -> u64 {
+        unix_seconds(self.inner.started)
+    }
+
+    fn saw_plaintext(&self, facts: &Facts) {
+        let (Some(dst), Some(src)) = (facts.dst.workload_name(), facts.src.addr) else {
+            return;
+        };
+        let key = PlaintextKey {
+            workload: dst.to_owned(),
+            client: src.ip(),
+        };
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        std::hash::Hash::hash(&key, &mut hasher);
+        let shard = std::hash::Hasher::finish(&hasher) as usize % SHARDS;
+        let now = unix_seconds(SystemTime::now());
+        let mut clients = lock(&self.inner.plaintext[shard]);
+        if !clients.contains_key(&key) && clients.len() >= PLAINTEXT_CLIENTS_PER_SHARD {
+            let oldest = clients
+                .iter()
+                .min_by_key(|(_, c)| c.last_seen)
+                .map(|(k, _)| k.clone());
+            if let Some(oldest) = oldest {
+                clients.remove(&oldest);
+            }
+        }
+        let client = clients
+            .entry(key)
+            .or_insert_with_key(|key| PlaintextClient {
+                workload: key.workload.clone(),
+                client: key.client,
+                client_workload: facts.src.workload_name().map(str::to_owned),
+                connections: 0,
+                last_port: 0,
+                first_seen: now,
+                last_seen: now,
+            });
+        client.connections += 1;
+        client.last_seen = now;
+        client.last_port = facts.dst.addr.map_or(0, |a| a.port());
     }
 
     fn all(&self) -> Vec<Arc<Open>> {
@@ -446,7 +535,19 @@ impl ConnectionRecord {
     }
 
     /// The connection is established: counted opened, listed, its bytes flushed as they flow.
+    /// An inbound plaintext one is remembered for the migration report.
     pub fn open(&mut self) {
+        if self.opened.is_some() {
+            return;
+        }
+        if self.facts.direction == Direction::Inbound && self.facts.security == Security::None {
+            self.connections.saw_plaintext(&self.facts);
+        }
+        self.register();
+    }
+
+    /// Counts it opened and lists it.
+    fn register(&mut self) {
         if self.opened.is_some() {
             return;
         }
@@ -489,7 +590,7 @@ impl ConnectionRecord {
             return;
         }
         self.closed = true;
-        self.open();
+        self.register();
         let Some((id, open)) = self.opened.take() else {
             return;
         };
@@ -658,6 +759,35 @@ mod tests {
             ),
             1
         );
+    }
+
+    #[test]
+    fn admitted_plaintext_is_remembered_per_workload_and_client_refused_is_not() {
+        let connections = Connections::new(Metrics::new());
+        let plaintext = |port: u16| {
+            let mut facts = Facts::new(
+                Direction::Inbound,
+                End::at("10.0.0.9:5000".parse().unwrap()),
+                End::at(SocketAddr::from(([10, 0, 0, 2], port))),
+            );
+            facts.dst.workload = Some(Arc::new(crate::state::WorkloadInfo::for_tests(
+                "default/web",
+            )));
+            ConnectionRecord::new(&connections, facts)
+        };
+        for port in [80, 8080] {
+            let mut record = plaintext(port);
+            record.open();
+            record.close(Ending::completed());
+        }
+        plaintext(80).close(Ending::refused("plaintext_strict", "STRICT"));
+        let seen = connections.plaintext_clients();
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert_eq!(seen[0].workload, "default/web");
+        assert_eq!(seen[0].client.to_string(), "10.0.0.9");
+        assert_eq!(seen[0].connections, 2);
+        assert_eq!(seen[0].last_port, 8080);
+        assert!(seen[0].client_workload.is_none());
     }
 
     #[test]

@@ -7,10 +7,15 @@
 //! `cargo xtask demo [--kubernetes]` (as root; it builds mesh-agent, mesh-cni and, for
 //! Kubernetes, mesh-kubelet). Everything it creates is removed at the end, on error, and on
 //! Ctrl-C / SIGTERM. It exits non-zero if the story does not come out as told.
+//!
+//! A real Prometheus scrapes the agents throughout; after each step `mesh-agent graph` draws
+//! that step's traffic graph (locks for mTLS, red for denied) into `target/demo/step-N.png`
+//! (`.dot` without Graphviz).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::{Result, bail};
 use clap::Parser;
@@ -18,7 +23,7 @@ use mesh_tests::kube::{KubeMesh, two_nodes};
 use mesh_tests::seed::{
     self, Call, Client, Edge, Event, KubeSeed, Outcome, PolicyChange, Seed, Stage, Step, StepReport,
 };
-use mesh_tests::{Cluster, interrupt};
+use mesh_tests::{Cluster, Prometheus, interrupt};
 
 #[derive(Parser)]
 #[command(about = "Istio's \"Mutual TLS Authentication\" story, played with the mesh")]
@@ -174,11 +179,23 @@ fn print_application(stage: &dyn Stage) {
 
 /// Plays every step; fails, once all were played, if one did not come out as told.
 fn play_story(stage: &dyn Stage, mode: Mode, teardown: &str) -> Result<()> {
+    let prometheus = Prometheus::start(stage.cluster())?;
+    prometheus.wait_for_agents(stage.cluster().nodes().len())?;
+    println!(
+        "\n== Prometheus scrapes every agent each second ({}); each step's graph goes to {}",
+        prometheus.url(),
+        graphs_dir().display()
+    );
     let mut failed = Vec::new();
     for (n, step) in Step::ALL.into_iter().enumerate() {
         interrupt::check()?;
+        let started = Instant::now();
         if !play(stage, mode, n + 1, step)? {
             failed.push(format!("step {}: {}", n + 1, step.title()));
+        }
+        match draw_graph(&prometheus, n + 1, started) {
+            Ok(path) => println!("\n   the step's traffic graph: {}", path.display()),
+            Err(err) => println!("\n   no graph for this step: {err:#}"),
         }
     }
 
@@ -194,6 +211,42 @@ fn play_story(stage: &dyn Stage, mode: Mode, teardown: &str) -> Result<()> {
         Step::ALL.len()
     );
     Ok(())
+}
+
+/// `target/demo` in the workspace.
+fn graphs_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join("target")
+        .join("demo")
+}
+
+/// `mesh-agent graph` over the step's time, as PNG when Graphviz is there, else DOT.
+fn draw_graph(prometheus: &Prometheus, n: usize, started: Instant) -> Result<PathBuf> {
+    let dir = graphs_dir();
+    std::fs::create_dir_all(&dir)?;
+    let has_dot = std::process::Command::new("dot").arg("-V").output().is_ok();
+    let out = dir.join(format!("step-{n}.{}", if has_dot { "png" } else { "dot" }));
+    // The rate window covers the step, and a scrape or two on either side.
+    let window = format!("{}s", started.elapsed().as_secs() + 3);
+    let agent = mesh_tests::agent_bin();
+    let drawn = prometheus.run(
+        &agent.to_string_lossy(),
+        [
+            "graph",
+            "--prometheus",
+            &prometheus.url(),
+            "--window",
+            &window,
+            "--out",
+            &out.to_string_lossy(),
+        ],
+    )?;
+    if !drawn.success() {
+        bail!("mesh-agent graph: {}", drawn.stderr_str().trim());
+    }
+    Ok(out)
 }
 
 /// Plays one step: applies its policies, runs the load, shows the agents' view, checks it.

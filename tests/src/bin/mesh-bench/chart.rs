@@ -52,8 +52,10 @@ pub struct ChartRow {
     /// e.g. "throughput 1 stream (Gbit/s)"
     pub figure: String,
     pub lower_is_better: bool,
-    /// (path label, median; None = not measured). The first entry is the baseline.
+    /// (path label, median; None = not measured).
     pub values: Vec<(String, Option<f64>)>,
+    /// Per value, the index of the value its ratio is to; missing: the first (direct TCP).
+    pub baselines: Vec<usize>,
 }
 
 pub fn draw(path: &Path, title: &str, rows: &[ChartRow]) -> Result<()> {
@@ -187,17 +189,20 @@ fn draw_text(
     Ok(())
 }
 
-/// Each value over the row's baseline; None where either is missing or the baseline is 0
-/// (e.g. the agents' CPU on the direct path), since no ratio means anything there.
+/// Each value over its baseline; None where either is missing or the baseline is 0 (e.g. the
+/// agents' CPU on the direct path), since no ratio means anything there.
 fn row_ratios(row: &ChartRow) -> Vec<Option<f64>> {
-    let baseline = row
-        .values
-        .first()
-        .and_then(|(_, v)| *v)
-        .filter(|b| *b > 0.0);
+    let baseline = |i: usize| {
+        let at = row.baselines.get(i).copied().unwrap_or(0);
+        row.values
+            .get(at)
+            .and_then(|(_, v)| *v)
+            .filter(|b| *b > 0.0)
+    };
     row.values
         .iter()
-        .map(|(_, v)| Some((*v)? / baseline?).filter(|r| r.is_finite()))
+        .enumerate()
+        .map(|(i, (_, v))| Some((*v)? / baseline(i)?).filter(|r| r.is_finite()))
         .collect()
 }
 
@@ -257,6 +262,7 @@ mod tests {
             figure: figure.into(),
             lower_is_better,
             values: paths.iter().map(|p| p.to_string()).zip(v).collect(),
+            baselines: Vec::new(),
         }
     }
 

@@ -3,15 +3,19 @@
 //! `cargo run --release -p mesh-tests --bin mesh-bench -- [--quick]` (as root, with
 //! `target/release/mesh-agent` built), or `cargo xtask bench [--quick]`.
 //!
-//! Topology: node-a has `client` (enrolled) and `plain-client` (not enrolled); node-b has
-//! `server` (enrolled) and `plain-server` (not enrolled). Paths measured:
+//! Topology: node-a has `client` (enrolled), `plain-client` (not enrolled), `local-server`
+//! (enrolled) and `plain-local-server` (not enrolled); node-b has `server` (enrolled) and
+//! `plain-server` (not enrolled). Paths measured:
 //!
 //! - direct: plain-client -> plain-server (no mesh; an enrolled server's inbound would be
 //!   captured even from a non-enrolled client, so both ends are outside the mesh);
 //! - mesh: client -> server, cross-node through both agents (mutual TLS, HBONE);
 //! - peer: plain-client -> a `stunnel4` client in plain-client (127.0.0.1) -> mutual TLS ->
 //!   a `stunnel4` server in plain-server -> the same servers on 127.0.0.1;
-//! - mesh same-node (kernel short-circuit): not yet available.
+//! - direct same-node: plain-client -> plain-local-server (no mesh, one node's bridge);
+//! - mesh same-node: client -> local-server, short-circuited by node-a's agent (identity and
+//!   policy checked, no TLS, the bytes relayed in user space; kernel splicing is off, see
+//!   docs/agent.md).
 //!
 //! Figures: iperf3 bulk throughput with 1 and 8 streams, 1 KiB request/response latency
 //! p50/p99 on one persistent connection, new connections per second (1 byte each way), and the
@@ -145,8 +149,16 @@ enum PathKind {
     Direct,
     Mesh,
     Peer,
+    SameNodeDirect,
+    SameNode,
 }
-const PATHS: [PathKind; 3] = [PathKind::Direct, PathKind::Mesh, PathKind::Peer];
+const PATHS: [PathKind; 5] = [
+    PathKind::Direct,
+    PathKind::Mesh,
+    PathKind::Peer,
+    PathKind::SameNodeDirect,
+    PathKind::SameNode,
+];
 
 impl PathKind {
     fn label(self) -> &'static str {
@@ -154,6 +166,8 @@ impl PathKind {
             PathKind::Direct => "direct",
             PathKind::Mesh => "mesh",
             PathKind::Peer => "stunnel peer",
+            PathKind::SameNodeDirect => "direct same-node",
+            PathKind::SameNode => "mesh same-node",
         }
     }
 }
@@ -253,7 +267,9 @@ fn run(opts: &Opts) -> Result<()> {
             .node(
                 NodeSpec::new("node-a")
                     .pod(PodSpec::new("client"))
-                    .pod(PodSpec::new("plain-client").enrolled(false)),
+                    .pod(PodSpec::new("plain-client").enrolled(false))
+                    .pod(PodSpec::new("local-server"))
+                    .pod(PodSpec::new("plain-local-server").enrolled(false)),
             )
             .node(
                 NodeSpec::new("node-b")
@@ -276,13 +292,15 @@ fn run(opts: &Opts) -> Result<()> {
     let plain_client = cluster.pod("node-a", "plain-client")?;
     let server = cluster.pod("node-b", "server")?;
     let plain_server = cluster.pod("node-b", "plain-server")?;
+    let local_server = cluster.pod("node-a", "local-server")?;
+    let plain_local_server = cluster.pod("node-a", "plain-local-server")?;
 
     let helper = cluster.workdir().join("mesh-bench.py");
     fs::write(&helper, HELPER).with_context(|| format!("write {}", helper.display()))?;
 
     // Servers: iperf3 and the echo server in both server pods.
     let mut guards: Vec<ChildGuard> = Vec::new();
-    for pod in [server, plain_server] {
+    for pod in [server, plain_server, local_server, plain_local_server] {
         let log = cluster.workdir().join(format!("{}-iperf3.log", pod.name()));
         // Through sh for the redirection: iperf3 prints some errors (e.g. about the
         // readiness probe's connection) to stderr even with --logfile.
@@ -328,6 +346,18 @@ fn run(opts: &Opts) -> Result<()> {
             host: "127.0.0.1".into(),
             iperf_port: TUN_IPERF_PORT,
             echo_port: TUN_ECHO_PORT,
+        },
+        PathKind::SameNodeDirect => Target {
+            client: plain_client,
+            host: plain_local_server.ipv4().to_string(),
+            iperf_port: IPERF_PORT,
+            echo_port: ECHO_PORT,
+        },
+        PathKind::SameNode => Target {
+            client,
+            host: local_server.ipv4().to_string(),
+            iperf_port: IPERF_PORT,
+            echo_port: ECHO_PORT,
         },
     };
 
@@ -447,6 +477,18 @@ fn run(opts: &Opts) -> Result<()> {
     if mesh_conns.is_empty() || mtls == 0 {
         res.errors.push(format!(
             "mesh path not seen as mutual TLS by the agent: {check}"
+        ));
+    }
+    let local = local_server.ipv4().to_string();
+    let short_circuited = mesh_conns
+        .iter()
+        .filter(|c| c.dst.starts_with(&format!("{local}:")))
+        .filter(|c| c.other.get("security").and_then(Value::as_str) == Some("same_node"))
+        .count();
+    let check = format!("{check}; {short_circuited} same-node connections short-circuited");
+    if short_circuited == 0 {
+        res.errors.push(format!(
+            "same-node path not short-circuited by the agent: {check}"
         ));
     }
     record_bpf_cost(bpf, &mut res);
@@ -603,10 +645,21 @@ fn chart_rows(res: &Results) -> Vec<chart::ChartRow> {
             values: PATHS
                 .iter()
                 .map(|&p| (p.label().to_owned(), res.median(f, p)))
-                .chain(std::iter::once(("mesh same-node".to_owned(), None)))
+                .collect(),
+            baselines: PATHS
+                .iter()
+                .map(|&p| PATHS.iter().position(|&q| q == baseline_of(p)).unwrap_or(0))
                 .collect(),
         })
         .collect()
+}
+
+/// The path a path's ratio is to: direct TCP between the same places.
+fn baseline_of(p: PathKind) -> PathKind {
+    match p {
+        PathKind::SameNodeDirect | PathKind::SameNode => PathKind::SameNodeDirect,
+        _ => PathKind::Direct,
+    }
 }
 
 fn short(f: Figure) -> &'static str {

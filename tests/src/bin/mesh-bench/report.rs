@@ -128,10 +128,10 @@ pub fn report(opts: &Opts, res: &Results, check: &str, elapsed: Duration) -> Str
     let m = |f: Figure, p: PathKind| res.median(f, p);
     let _ = writeln!(
         s,
-        "| figure | direct | mesh (cross-node) | stunnel peer | mesh same-node | mesh / direct | \
+        "| figure | direct | mesh (cross-node) | stunnel peer | mesh / direct | \
          stunnel / direct | mesh / stunnel |"
     );
-    let _ = writeln!(s, "|---|---:|---:|---:|---|---:|---:|---:|");
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|");
     for f in FIGURES {
         let (d, me, pe) = (
             m(f, PathKind::Direct),
@@ -140,7 +140,7 @@ pub fn report(opts: &Opts, res: &Results, check: &str, elapsed: Duration) -> Str
         );
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | not yet available | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} |",
             f.label(),
             fmt_val(d),
             fmt_val(me),
@@ -148,6 +148,31 @@ pub fn report(opts: &Opts, res: &Results, check: &str, elapsed: Duration) -> Str
             ratio(me, d),
             ratio(pe, d),
             ratio(me, pe)
+        );
+    }
+
+    let _ = writeln!(
+        s,
+        "\nSame node: **direct same-node** = plain-client → plain-local-server, both on node-a \
+         and outside the mesh (the node's bridge); **mesh same-node** = client → local-server, \
+         both enrolled on node-a: short-circuited by node-a's agent (identity and policy \
+         checked, no TLS), the bytes relayed in user space. Kernel splicing (sockmap) is off on \
+         this kernel (docs/agent.md, \"Same-node connections\"), so there is no spliced row.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| figure | direct same-node | mesh same-node (relay) | mesh same-node / direct same-node |"
+    );
+    let _ = writeln!(s, "|---|---:|---:|---:|");
+    for f in FIGURES {
+        let (d, me) = (m(f, PathKind::SameNodeDirect), m(f, PathKind::SameNode));
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} |",
+            f.label(),
+            fmt_val(d),
+            fmt_val(me),
+            ratio(me, d)
         );
     }
 
@@ -229,8 +254,7 @@ pub fn report(opts: &Opts, res: &Results, check: &str, elapsed: Duration) -> Str
     let _ = writeln!(
         s,
         "\nThe chart of these figures is `latest.png` beside this file; where the agents' time goes is \
-         in `profile.md` (`mesh-bench --profile`). Not measured yet: the same-node mesh path (the \
-         kernel short-circuit is not available yet)."
+         in `profile.md` (`mesh-bench --profile`)."
     );
     s
 }
