@@ -21,9 +21,8 @@ mod tests;
 
 pub use bundle::{BUNDLE_POLL_INTERVAL, SharedBundle};
 pub use ca::{
-    CA_CERT_FILE, CA_KEY_FILE, CLOCK_SKEW_ALLOWANCE, CaError, CertificateAuthority, CsrError,
-    CertSummary, IssuedCert, ROOT_COMMON_NAME, ROOT_VALIDITY, TrustBundle, WorkloadCert,
-    WorkloadCsr,
+    CA_CERT_FILE, CA_KEY_FILE, CLOCK_SKEW_ALLOWANCE, CaError, CertSummary, CertificateAuthority,
+    CsrError, IssuedCert, ROOT_COMMON_NAME, ROOT_VALIDITY, TrustBundle, WorkloadCert, WorkloadCsr,
 };
 pub use remote::RemoteCa;
 pub use spiffe::{NameProblem, SpiffeId, SpiffeIdError, validate_trust_domain};
