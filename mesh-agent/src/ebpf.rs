@@ -330,6 +330,11 @@ pub fn uninstall(pin_dir: &Path) -> anyhow::Result<()> {
     fs::remove_dir_all(pin_dir).with_context(|| format!("removing {}", pin_dir.display()))
 }
 
+/// How many attachments are pinned under `pin_dir`.
+pub fn attachment_count(pin_dir: &Path) -> usize {
+    fs::read_dir(pin_dir.join(PIN_LAYOUT).join("links")).map_or(0, |dir| dir.count())
+}
+
 /// The node's attachments, as pinned under `pin_dir` (what is pinned stays attached, with or
 /// without an agent): where each program is attached and what it does.
 pub fn attachments(pin_dir: &Path, workload_cgroup: &Path) -> Vec<serde_json::Value> {

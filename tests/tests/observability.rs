@@ -337,6 +337,43 @@ fn metrics_count_connections_as_they_open_flow_and_close_on_both_reporters() -> 
         text.contains("mesh_agent_inbound_rejections_total{reason=\"policy_denied\"} 1\n"),
         "the denial is not counted with its reason:\n{text}"
     );
+
+    // The agent's own health.
+    s.cluster.apply_policy(
+        "broken",
+        "apiVersion: security.istio.io/v1\nkind: Nonsense\n",
+    )?;
+    let b = s.metrics("node-b")?;
+    let a = s.metrics("node-a")?;
+    let value = |text: &str, series: &str| -> Option<u64> {
+        text.lines()
+            .find(|l| l.starts_with(series))?
+            .rsplit(' ')
+            .next()?
+            .parse()
+            .ok()
+    };
+    for (node, text) in [("node-a", &a), ("node-b", &b)] {
+        ensure!(
+            value(text, "mesh_agent_workloads_unserved ") == Some(0),
+            "{node}: unserved"
+        );
+        ensure!(
+            value(text, "mesh_agent_ebpf_attachments ").is_some_and(|n| n >= 5),
+            "{node}: attachments:\n{text}"
+        );
+        // Loaded at start and with deny-client; the broken file rejected.
+        ensure!(
+            value(text, "mesh_agent_policy_reloads_total{result=\"loaded\"}")
+                .is_some_and(|n| n >= 2)
+                && value(text, "mesh_agent_policy_reloads_total{result=\"rejected\"}") == Some(1),
+            "{node}: policy reloads:\n{text}"
+        );
+    }
+    ensure!(
+        value(&a, "mesh_agent_hbone_connections ").is_some_and(|n| n >= 1),
+        "node-a's HBONE pool:\n{a}"
+    );
     Ok(())
 }
 

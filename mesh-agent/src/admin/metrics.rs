@@ -91,6 +91,16 @@ label_enum! {
 }
 
 label_enum! {
+    /// `result` of `mesh_agent_policy_reloads_total`.
+    pub enum ReloadResult {
+        /// The new policy set is in force.
+        Loaded => "loaded",
+        /// It was refused; the last good one stays in force.
+        Rejected => "rejected",
+    }
+}
+
+label_enum! {
     /// `result` of `mesh_agent_certificate_renewals_total`.
     pub enum RenewalResult {
         /// A new certificate was issued and installed.
@@ -217,6 +227,11 @@ struct ResultLabel {
     result: RenewalResult,
 }
 
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReloadLabel {
+    result: ReloadResult,
+}
+
 /// All metrics of one agent. Cheap to clone; clones share the same counters.
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -231,6 +246,10 @@ struct Inner {
     sent_bytes: Family<ConnectionLabels, Counter>,
     received_bytes: Family<ConnectionLabels, Counter>,
     workloads: Gauge,
+    unserved: Gauge,
+    attachments: Gauge,
+    hbone_connections: Gauge,
+    policy_reloads: Family<ReloadLabel, Counter>,
     inbound_rejections: Family<ReasonLabel, Counter>,
     certificate_renewals: Family<ResultLabel, Counter>,
     certificate_expiry: Family<IdentityLabel, Gauge>,
@@ -278,6 +297,30 @@ impl Metrics {
             "The number of workloads enrolled on this node",
             workloads.clone(),
         );
+        let unserved = Gauge::default();
+        registry.register(
+            "mesh_agent_workloads_unserved",
+            "The number of workloads of this node the agent does not serve now (their IPs stay guarded)",
+            unserved.clone(),
+        );
+        let attachments = Gauge::default();
+        registry.register(
+            "mesh_agent_ebpf_attachments",
+            "The number of eBPF program attachments pinned for this node",
+            attachments.clone(),
+        );
+        let hbone_connections = Gauge::default();
+        registry.register(
+            "mesh_agent_hbone_connections",
+            "The number of pooled outbound HBONE (mutual TLS) connections to other agents",
+            hbone_connections.clone(),
+        );
+        let policy_reloads = Family::default();
+        registry.register(
+            "mesh_agent_policy_reloads",
+            "The total number of policy changes read, by result",
+            policy_reloads.clone(),
+        );
         let inbound_rejections = Family::default();
         registry.register(
             "mesh_agent_inbound_rejections",
@@ -316,6 +359,10 @@ impl Metrics {
                 sent_bytes,
                 received_bytes,
                 workloads,
+                unserved,
+                attachments,
+                hbone_connections,
+                policy_reloads,
                 inbound_rejections,
                 certificate_renewals,
                 certificate_expiry,
@@ -364,6 +411,35 @@ impl Metrics {
         self.inner
             .workloads
             .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    /// Sets the number of workloads of this node not served now.
+    pub fn set_unserved(&self, count: usize) {
+        self.inner
+            .unserved
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    /// Sets the number of eBPF attachments pinned for the node.
+    pub fn set_attachments(&self, count: usize) {
+        self.inner
+            .attachments
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    /// Sets the number of pooled outbound HBONE connections.
+    pub fn set_hbone_connections(&self, count: usize) {
+        self.inner
+            .hbone_connections
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    /// Counts one policy change read, with how it went.
+    pub fn policy_reload(&self, result: ReloadResult) {
+        self.inner
+            .policy_reloads
+            .get_or_create(&ReloadLabel { result })
+            .inc();
     }
 
     /// Counts one inbound connection (or HBONE stream) refused. `reason` is the stable code the

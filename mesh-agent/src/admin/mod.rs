@@ -18,8 +18,8 @@ mod server;
 pub mod status;
 
 pub use metrics::{
-    ConnectionLabels, Metrics, OPENMETRICS_CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE, RenewalResult,
-    Reporter, ResponseFlags, SecurityPolicy, UNKNOWN,
+    ConnectionLabels, Metrics, OPENMETRICS_CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE, ReloadResult,
+    RenewalResult, Reporter, ResponseFlags, SecurityPolicy, UNKNOWN,
 };
 pub use server::{
     AdminConfig, AdminError, AdminServer, AdminState, BoundAddrs, ConfigDumpFn, Endpoint, serve,

@@ -105,7 +105,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let policy = match origin.policy.clone() {
         Some(policy) => policy,
-        None => start_policy(&state.cluster, &shutdown)?,
+        None => start_policy(&state.cluster, &metrics, &shutdown)?,
     };
     let connections = Connections::new(metrics.clone());
     let dump = ConfigDump {
@@ -149,7 +149,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     served.send_if_modified(|s| replace_if_changed(s, reconciler.served()));
     drop(state);
     let mut readiness = Readiness::new(admin.clone(), metrics.clone(), pin_dir.clone(), running);
-    readiness.report(&reconciler, &context.identities);
+    readiness.report(&reconciler, &context);
 
     let mut ticks = tokio::time::interval(RECONCILE_INTERVAL);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -166,7 +166,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let state = changes.borrow_and_update().clone();
         reconciler.sync(&state);
         served.send_if_modified(|s| replace_if_changed(s, reconciler.served()));
-        readiness.report(&reconciler, &context.identities);
+        readiness.report(&reconciler, &context);
         if changed {
             drop(state);
             release_freed_memory();
@@ -307,9 +307,14 @@ impl Readiness {
         }
     }
 
-    fn report(&mut self, reconciler: &Reconciler, identities: &IdentityStore) {
-        self.admin.set_notes(identities.failing_renewals());
+    fn report(&mut self, reconciler: &Reconciler, context: &NodeContext) {
+        self.admin.set_notes(context.identities.failing_renewals());
         let mut unserved = reconciler.unserved();
+        self.metrics.set_unserved(unserved.len());
+        self.metrics
+            .set_attachments(ebpf::attachment_count(&self.pin_dir));
+        self.metrics
+            .set_hbone_connections(context.mesh.hbone.pooled_connections());
         if let Some(newer) = self.lock.superseded_by() {
             unserved.insert(
                 0,
@@ -465,13 +470,20 @@ impl ConfigDump {
 /// runs with none (PERMISSIVE, everything allowed), as Istio does.
 fn start_policy(
     cluster: &Cluster,
+    metrics: &Metrics,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<watch::Receiver<Arc<PolicySet>>> {
     let root = &cluster.policy.root_namespace;
     match &cluster.policy.path {
         None => Ok(watch::channel(Arc::new(PolicySet::empty(root))).1),
-        Some(path) => PolicyWatcher::spawn(path, root, POLICY_POLL_INTERVAL, shutdown.clone())
-            .with_context(|| format!("loading policy from {}", path.display())),
+        Some(path) => PolicyWatcher::spawn_counted(
+            path,
+            root,
+            POLICY_POLL_INTERVAL,
+            Some(metrics.clone()),
+            shutdown.clone(),
+        )
+        .with_context(|| format!("loading policy from {}", path.display())),
     }
 }
 

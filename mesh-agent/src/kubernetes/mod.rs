@@ -82,6 +82,7 @@ pub async fn start(
         client.clone(),
         config.policy.root_namespace.clone(),
         recorder,
+        metrics.clone(),
         shutdown.clone(),
     );
     let (changes_tx, changes) = mpsc::channel(1024);

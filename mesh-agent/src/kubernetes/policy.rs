@@ -3,6 +3,7 @@
 //! invalid one is logged and reported as a Kubernetes Event on it, and its last valid version
 //! (if any) stays in force.
 
+use crate::admin::{Metrics, ReloadResult};
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
@@ -51,6 +52,7 @@ pub async fn start(
     client: Client,
     root_namespace: String,
     recorder: Recorder,
+    metrics: Metrics,
     shutdown: CancellationToken,
 ) -> anyhow::Result<watch::Receiver<Arc<PolicySet>>> {
     let (changes_tx, mut changes) = mpsc::channel(256);
@@ -66,6 +68,7 @@ pub async fn start(
     let mut source = PolicySource {
         root_namespace,
         recorder,
+        metrics,
         documents: BTreeMap::new(),
         listing: BTreeMap::new(),
         listed: BTreeMap::new(),
@@ -129,6 +132,7 @@ async fn follow(
 struct PolicySource {
     root_namespace: String,
     recorder: Recorder,
+    metrics: Metrics,
     /// The valid policies in force, by label.
     documents: BTreeMap<PathBuf, Document>,
     /// Labels seen since a kind's (re)list began: what the list does not name was deleted
@@ -199,6 +203,7 @@ impl PolicySource {
     }
 
     async fn reject(&self, kind: &str, label: &Path, obj: &DynamicObject, why: &str) {
+        self.metrics.policy_reload(ReloadResult::Rejected);
         let kept = self.documents.contains_key(label);
         error!(
             policy = %label.display(),
@@ -236,6 +241,7 @@ impl PolicySource {
         );
         match set {
             Ok(set) => {
+                self.metrics.policy_reload(ReloadResult::Loaded);
                 info!(
                     source = "kubernetes",
                     peer_authentications = set.peer_authentication_count(),

@@ -5,6 +5,7 @@
 //! filesystems, and through the symbolic-link swaps of Kubernetes ConfigMap volumes, where
 //! inotify events are missed or never sent.
 
+use crate::admin::{Metrics, ReloadResult};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,9 +39,23 @@ impl PolicyWatcher {
         poll_interval: Duration,
         shutdown: CancellationToken,
     ) -> Result<watch::Receiver<Arc<PolicySet>>, PolicyError> {
+        Self::spawn_counted(path, root_namespace, poll_interval, None, shutdown)
+    }
+
+    /// [`Self::spawn`], counting each reload in `metrics` (`mesh_agent_policy_reloads_total`).
+    pub fn spawn_counted(
+        path: impl Into<PathBuf>,
+        root_namespace: impl Into<String>,
+        poll_interval: Duration,
+        metrics: Option<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Result<watch::Receiver<Arc<PolicySet>>, PolicyError> {
         let (path, root_namespace) = (path.into(), root_namespace.into());
         let seen = fingerprint(&path);
         let set = PolicySet::load(&path, &root_namespace)?;
+        if let Some(metrics) = &metrics {
+            metrics.policy_reload(ReloadResult::Loaded);
+        }
         log_loaded(&path, &set);
         let (sender, receiver) = watch::channel(Arc::new(set));
         let poller = Poller {
@@ -49,6 +64,7 @@ impl PolicyWatcher {
             poll_interval,
             seen,
             sender,
+            metrics,
         };
         tokio::spawn(poller.run(shutdown));
         Ok(receiver)
@@ -62,9 +78,16 @@ struct Poller {
     /// The state of the path when it was last read, good or bad: a bad change is reported once.
     seen: Fingerprint,
     sender: watch::Sender<Arc<PolicySet>>,
+    metrics: Option<Metrics>,
 }
 
 impl Poller {
+    fn count(&self, result: ReloadResult) {
+        if let Some(metrics) = &self.metrics {
+            metrics.policy_reload(result);
+        }
+    }
+
     async fn run(mut self, shutdown: CancellationToken) {
         let mut ticks = tokio::time::interval(self.poll_interval);
         ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -107,11 +130,13 @@ impl Poller {
             }
             Change::Reloaded(fingerprint, Ok(set)) => {
                 self.seen = fingerprint;
+                self.count(ReloadResult::Loaded);
                 log_loaded(&self.path, &set);
                 self.sender.send_replace(Arc::new(set));
             }
             Change::Reloaded(fingerprint, Err(err)) => {
                 self.seen = fingerprint;
+                self.count(ReloadResult::Rejected);
                 tracing::error!(
                     path = %self.path.display(),
                     error = %err,
