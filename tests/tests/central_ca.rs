@@ -918,15 +918,7 @@ impl ConnectionLoop {
             "/usr/bin/python3",
             ["-c", CONNECTION_LOOP, host, &port.to_string()],
         )?;
-        let stdout = guard.child_mut().stdout.take().context("stdout")?;
-        let (tx, lines) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = common::stdout_lines(&mut guard)?;
         Ok(ConnectionLoop {
             guard,
             lines,

@@ -100,15 +100,7 @@ impl Exact {
                 &n.to_string(),
             ],
         )?;
-        let stdout = guard.child_mut().stdout.take().context("stdout")?;
-        let (tx, lines) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = common::stdout_lines(&mut guard)?;
         let mut exact = Exact { guard, lines };
         exact.expect("echoed")?;
         Ok(exact)
@@ -617,23 +609,31 @@ fn prometheus_scrapes_every_agent_and_the_graph_marks_each_edge() -> Result<()> 
         |r| !r.is_empty(),
     )?;
 
-    let agent = mesh_tests::agent_bin();
-    let agent = agent.to_str().context("the agent's path")?;
     let out_dir = prometheus.dir().to_owned();
+    let graph = |out: &std::path::Path| -> Result<()> {
+        let agent = mesh_tests::agent_bin();
+        let out = out.to_str().context("path")?;
+        let drawn = prometheus.run(
+            agent.to_str().context("the agent's path")?,
+            [
+                "graph",
+                "--prometheus",
+                &prometheus.url(),
+                "--window",
+                "1m",
+                "--out",
+                out,
+            ],
+        )?;
+        ensure!(
+            drawn.success(),
+            "mesh-agent graph --out {out}: {}",
+            drawn.stderr_str()
+        );
+        Ok(())
+    };
     let dot_path = out_dir.join("graph.dot");
-    let drawn = prometheus.run(
-        agent,
-        [
-            "graph",
-            "--prometheus",
-            &prometheus.url(),
-            "--window",
-            "1m",
-            "--out",
-            dot_path.to_str().context("path")?,
-        ],
-    )?;
-    ensure!(drawn.success(), "mesh-agent graph: {}", drawn.stderr_str());
+    graph(&dot_path)?;
     let dot = std::fs::read_to_string(&dot_path)?;
     let edge = |source: &str| -> Result<&str> {
         dot.lines()
@@ -661,23 +661,7 @@ fn prometheus_scrapes_every_agent_and_the_graph_marks_each_edge() -> Result<()> 
 
     // With Graphviz installed, the same graph as SVG.
     let svg_path = out_dir.join("graph.svg");
-    let drawn = prometheus.run(
-        agent,
-        [
-            "graph",
-            "--prometheus",
-            &prometheus.url(),
-            "--window",
-            "1m",
-            "--out",
-            svg_path.to_str().context("path")?,
-        ],
-    )?;
-    ensure!(
-        drawn.success(),
-        "mesh-agent graph (svg): {}",
-        drawn.stderr_str()
-    );
+    graph(&svg_path)?;
     let svg = std::fs::read_to_string(&svg_path)?;
     ensure!(
         svg.contains("<svg") && svg.contains("default/client2"),

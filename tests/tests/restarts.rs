@@ -333,15 +333,7 @@ struct Load {
 impl Load {
     fn start(client: &Pod, url: &str) -> Result<Self> {
         let mut guard = client.spawn_piped("/usr/bin/python3", ["-c", LOAD, url])?;
-        let stdout = guard.child_mut().stdout.take().context("stdout")?;
-        let (tx, lines) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = common::stdout_lines(&mut guard)?;
         Ok(Load { guard, lines })
     }
 

@@ -33,6 +33,27 @@ pub const FLUSH_PERIOD: Duration = Duration::from_secs(5);
 /// Shards of the open-connection table: opening and closing lock one shard, never all.
 const SHARDS: usize = 16;
 
+/// One access-log line of a connection at `$level`: its facts' fields (the same in every line),
+/// then the caller's fields and message.
+macro_rules! connection_line {
+    ($level:ident, $facts:expr, $($rest:tt)*) => {{
+        let f: &Facts = $facts;
+        $level!(
+            direction = f.direction.as_str(),
+            src_addr = f.src.addr.map(display),
+            src_workload = f.src.workload_name(),
+            src_identity = f.src.identity.as_ref().map(display),
+            dst_addr = f.dst.addr.map(display),
+            dst_workload = f.dst.workload_name(),
+            dst_identity = f.dst.identity.as_ref().map(display),
+            dst_service = f.service.as_deref(),
+            endpoint = f.endpoint.map(display),
+            security = f.security.as_str(),
+            $($rest)*
+        )
+    }};
+}
+
 /// Which agent reports: the source's (outbound) or the destination's (inbound).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -563,20 +584,7 @@ impl ConnectionRecord {
         });
         let id = self.connections.insert(open.clone());
         self.opened = Some((id, open));
-        let f = &self.facts;
-        debug!(
-            direction = f.direction.as_str(),
-            src_addr = f.src.addr.map(display),
-            src_workload = f.src.workload_name(),
-            src_identity = f.src.identity.as_ref().map(display),
-            dst_addr = f.dst.addr.map(display),
-            dst_workload = f.dst.workload_name(),
-            dst_identity = f.dst.identity.as_ref().map(display),
-            dst_service = f.service.as_deref(),
-            endpoint = f.endpoint.map(display),
-            security = f.security.as_str(),
-            "connection opened"
-        );
+        connection_line!(debug, &self.facts, "connection opened");
     }
 
     /// Counts it closed (opened first, if it was refused before it opened), adds the bytes not
@@ -612,17 +620,9 @@ impl ConnectionRecord {
         let duration_ms = millis(self.started.elapsed());
         macro_rules! closed {
             ($level:ident) => {
-                $level!(
-                    direction = f.direction.as_str(),
-                    src_addr = f.src.addr.map(display),
-                    src_workload = f.src.workload_name(),
-                    src_identity = f.src.identity.as_ref().map(display),
-                    dst_addr = f.dst.addr.map(display),
-                    dst_workload = f.dst.workload_name(),
-                    dst_identity = f.dst.identity.as_ref().map(display),
-                    dst_service = f.service.as_deref(),
-                    endpoint = f.endpoint.map(display),
-                    security = f.security.as_str(),
+                connection_line!(
+                    $level,
+                    f,
                     response_flags = ending.flags.as_str(),
                     bytes_sent = bytes.sent,
                     bytes_received = bytes.received,
@@ -788,6 +788,94 @@ mod tests {
         assert_eq!(seen[0].connections, 2);
         assert_eq!(seen[0].last_port, 8080);
         assert!(seen[0].client_workload.is_none());
+    }
+
+    /// What a subscriber of `format` writes while `f` runs.
+    fn logged(json: bool, f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(data);
+                Ok(data.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let builder = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::DEBUG);
+        if json {
+            tracing::subscriber::with_default(builder.json().flatten_event(true).finish(), f);
+        } else {
+            tracing::subscriber::with_default(builder.finish(), f);
+        }
+        String::from_utf8(buf.0.lock().unwrap().clone()).unwrap()
+    }
+
+    fn denied_record(connections: &Connections) {
+        let mut facts = Facts::new(
+            Direction::Inbound,
+            End {
+                identity: Some("spiffe://cluster.local/ns/team/sa/other".parse().unwrap()),
+                ..End::at("[::ffff:10.0.0.1]:4000".parse().unwrap())
+            },
+            End::at("10.0.0.2:80".parse().unwrap()),
+        );
+        let web = Arc::new(crate::state::WorkloadInfo::for_tests("default/web"));
+        facts.dst.identity = Some(web.identity.clone());
+        facts.dst.workload = Some(web);
+        facts.security = Security::MutualTls;
+        ConnectionRecord::new(connections, facts)
+            .close(Ending::denied("denied by AuthorizationPolicy default/deny"));
+    }
+
+    #[test]
+    fn the_access_log_line_has_one_schema_in_text_and_json() {
+        let connections = Connections::new(Metrics::new());
+        let text = logged(false, || denied_record(&connections));
+        let line = text
+            .lines()
+            .find(|l| l.contains("connection closed"))
+            .unwrap_or_else(|| panic!("{text}"));
+        for field in [
+            "WARN",
+            "direction=\"inbound\"",
+            "src_addr=10.0.0.1:4000",
+            "src_identity=spiffe://cluster.local/ns/team/sa/other",
+            "dst_addr=10.0.0.2:80",
+            "dst_workload=\"default/web\"",
+            "dst_identity=spiffe://cluster.local/ns/default/sa/default",
+            "security=\"mutual_tls\"",
+            "response_flags=\"DENY\"",
+            "bytes_sent=0",
+            "bytes_received=0",
+            "duration_ms=",
+            "rejection=\"policy_denied\"",
+            "denied_by=\"denied by AuthorizationPolicy default/deny\"",
+        ] {
+            assert!(line.contains(field), "no {field} in {line}");
+        }
+        assert!(!line.contains('\u{1b}'), "colours in {line:?}");
+        let json = logged(true, || denied_record(&connections));
+        let line: serde_json::Value = json
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .find(|l: &serde_json::Value| l["message"] == "connection closed")
+            .unwrap_or_else(|| panic!("{json}"));
+        assert_eq!(line["direction"], "inbound");
+        assert_eq!(line["src_addr"], "10.0.0.1:4000");
+        assert_eq!(line["dst_workload"], "default/web");
+        assert_eq!(line["response_flags"], "DENY");
+        assert_eq!(line["rejection"], "policy_denied");
+        assert_eq!(line["bytes_sent"], 0);
+        assert!(line.get("error").is_none(), "{line}");
+        // At debug, the refusal opened first: one `connection opened` line.
+        assert_eq!(json.matches("connection opened").count(), 1, "{json}");
     }
 
     #[test]

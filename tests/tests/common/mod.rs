@@ -271,6 +271,20 @@ except OSError as e:
 print("done %d" % i, flush=True)
 "#;
 
+/// The lines `guard`'s program prints on its (piped) stdout, as they come.
+pub fn stdout_lines(guard: &mut ChildGuard) -> Result<mpsc::Receiver<String>> {
+    let stdout = guard.child_mut().stdout.take().context("stdout")?;
+    let (tx, lines) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    Ok(lines)
+}
+
 /// A held echo connection from a pod; see [`hold_echo`].
 pub struct HeldEcho {
     guard: ChildGuard,
@@ -291,15 +305,7 @@ pub fn hold_echo(from: &Pod, ip: impl Into<IpAddr>, port: u16) -> Result<HeldEch
         "/usr/bin/python3",
         ["-c", HELD_ECHO, &ip.to_string(), &port.to_string()],
     )?;
-    let stdout = guard.child_mut().stdout.take().context("stdout")?;
-    let (tx, lines) = mpsc::channel();
-    thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let lines = stdout_lines(&mut guard)?;
     let mut held = HeldEcho { guard, lines, what };
     held.exchanges(1, LOG_WAIT).context("opening it")?;
     Ok(held)
