@@ -121,6 +121,7 @@ fn needs_restart(before: &Cluster, after: &Cluster) -> bool {
         || before.policy.path != after.policy.path
         || before.trust_domain != after.trust_domain
         || before.hbone != after.hbone
+        || before.limits != after.limits
 }
 
 fn fingerprint(path: &Path) -> Fingerprint {

@@ -29,6 +29,8 @@ pub struct Cluster {
     #[serde(default)]
     pub same_node: SameNodeConfig,
     #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
     pub policy: PolicyConfig,
     #[serde(deserialize_with = "nodes_without_conflicts")]
     pub nodes: Vec<Node>,
@@ -236,6 +238,49 @@ pub struct HboneConfig {
     /// clients open another connection beyond it. Read at start.
     #[serde(default = "default_max_concurrent_streams")]
     pub max_concurrent_streams: u32,
+}
+
+/// Fair sharing between workloads (docs/reliability.md); read at start.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Concurrent connections one workload may have through the agent: from a local workload,
+    /// and to this node's workloads from one calling workload. Beyond it a connection is
+    /// refused (`response_flags` `UO`).
+    #[serde(default = "default_connections_per_workload", deserialize_with = "at_least_one")]
+    pub connections_per_workload: usize,
+    /// HBONE TLS handshakes in progress for one workload: a local workload's connections wait
+    /// for a turn, a calling workload's handshakes beyond it are refused.
+    #[serde(default = "default_handshakes_per_workload", deserialize_with = "at_least_one")]
+    pub handshakes_per_workload: usize,
+}
+
+pub const DEFAULT_CONNECTIONS_PER_WORKLOAD: usize = 16_384;
+pub const DEFAULT_HANDSHAKES_PER_WORKLOAD: usize = 32;
+
+fn default_connections_per_workload() -> usize {
+    DEFAULT_CONNECTIONS_PER_WORKLOAD
+}
+
+fn default_handshakes_per_workload() -> usize {
+    DEFAULT_HANDSHAKES_PER_WORKLOAD
+}
+
+fn at_least_one<'de, D: Deserializer<'de>>(deserializer: D) -> Result<usize, D::Error> {
+    let value = usize::deserialize(deserializer)?;
+    if value == 0 {
+        return Err(D::Error::custom("must be at least 1"));
+    }
+    Ok(value)
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            connections_per_workload: DEFAULT_CONNECTIONS_PER_WORKLOAD,
+            handshakes_per_workload: DEFAULT_HANDSHAKES_PER_WORKLOAD,
+        }
+    }
 }
 
 /// Where Istio security policies are read from (docs/policy.md).

@@ -152,6 +152,7 @@ struct MeshSettings {
     certificate_lifetime: Option<String>,
     hbone_idle_timeout: Option<String>,
     same_node_mode: Option<String>,
+    limits: Option<FileLimits>,
 }
 
 impl Default for ClusterBuilder {
@@ -188,6 +189,15 @@ impl ClusterBuilder {
     /// `mutualTls`.
     pub fn same_node_mode(mut self, mode: &str) -> Self {
         self.settings.same_node_mode = Some(mode.into());
+        self
+    }
+    /// `limits` of the cluster file: concurrent connections and HBONE handshakes per workload
+    /// (default: the agent's, 16384 and 32).
+    pub fn limits(mut self, connections_per_workload: usize, handshakes_per_workload: usize) -> Self {
+        self.settings.limits = Some(FileLimits {
+            connections_per_workload,
+            handshakes_per_workload,
+        });
         self
     }
     pub fn node(mut self, node: NodeSpec) -> Self {
@@ -989,6 +999,7 @@ impl Cluster {
                 .same_node_mode
                 .clone()
                 .map(|mode| FileSameNode { mode }),
+            limits: self.settings.limits.clone(),
             policy: FilePolicy {
                 path: POLICY_DIR.into(),
             },
@@ -1609,6 +1620,8 @@ struct FileDoc {
     hbone: FileHbone,
     #[serde(skip_serializing_if = "Option::is_none")]
     same_node: Option<FileSameNode>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    limits: Option<FileLimits>,
     policy: FilePolicy,
     nodes: Vec<FileNode>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -1652,6 +1665,13 @@ struct FileHbone {
 #[derive(Serialize)]
 struct FileSameNode {
     mode: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct FileLimits {
+    connections_per_workload: usize,
+    handshakes_per_workload: usize,
 }
 
 #[derive(Serialize)]

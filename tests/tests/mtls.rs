@@ -731,7 +731,7 @@ fn hbone_connect(
             match hbone
                 .open(
                     ("default/client", &client),
-                    &netns,
+                    (&netns, &tokio::sync::Semaphore::new(1)),
                     via,
                     &expected,
                     authority,

@@ -68,6 +68,9 @@ label_enum! {
         Denied => "DENY",
         /// `UH`: a Service without a ready endpoint on the port.
         NoHealthyUpstream => "UH",
+        /// `UO`: refused because the workload is at its limit (fair sharing, as Envoy's
+        /// circuit breakers record an overflow).
+        Overflow => "UO",
     }
 }
 

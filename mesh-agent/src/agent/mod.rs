@@ -33,6 +33,7 @@ use crate::{
     proxy::{
         hbone::HboneClient,
         inbound::{InboundContext, LocalTargets},
+        limits::Limits,
         outbound::Mesh,
         record::Connections,
     },
@@ -116,6 +117,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     let admin = start_admin(&config, &connections, dump, &shutdown).await?;
     let local = LocalTargets::default();
+    let limits = Limits::new(&state.cluster.limits);
     tracker.spawn(connections.clone().flush_periodically(shutdown.clone()));
     let context = Arc::new(NodeContext {
         mesh: Arc::new(Mesh {
@@ -127,6 +129,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             ),
             connections: connections.clone(),
             local: local.clone(),
+            limits: limits.clone(),
         }),
         identities,
         bundle,
@@ -136,6 +139,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             connections: connections.clone(),
             max_concurrent_streams: state.cluster.hbone.max_concurrent_streams,
             local,
+            limits,
         },
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::workload::{
-    DEFAULT_TRUST_DOMAIN, HboneConfig, IdentityConfig, Name, PolicyConfig, SameNodeConfig,
+    DEFAULT_TRUST_DOMAIN, HboneConfig, IdentityConfig, LimitsConfig, Name, PolicyConfig, SameNodeConfig,
 };
 
 /// Where the kubelet puts pods' cgroups: its `--cgroup-root` and `--cgroup-driver`.
@@ -76,6 +76,8 @@ pub struct MeshConfig {
     pub hbone: HboneConfig,
     #[serde(default)]
     pub same_node: SameNodeConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
     /// Only `rootNamespace`: policies come from the API.
     #[serde(default)]
     pub policy: PolicyRoot,

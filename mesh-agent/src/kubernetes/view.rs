@@ -415,6 +415,7 @@ impl View {
             identity: self.settings.identity.clone(),
             hbone: self.settings.hbone.clone(),
             same_node: self.settings.same_node.clone(),
+            limits: self.settings.limits.clone(),
             policy: self.settings.policy_config(),
             nodes,
             services: self.mesh_services(),

@@ -1,10 +1,12 @@
 //! HBONE client: HTTP/2 `CONNECT` streams over pooled mutual-TLS connections to the agent that
 //! serves the destination workload (its IP, port 15008).
 //!
-//! One TLS connection per (source workload, its identity, destination, expected identity)
-//! carries many streams: it is opened from the source workload's own namespace, so the far agent
-//! sees that workload's IP, and a destination IP now owned by another identity gets a connection
-//! of its own. A connection with no stream for `idle_timeout` is closed and its entry removed.
+//! The TLS connections of one (source workload, its identity, destination, expected identity)
+//! carry its streams: they are opened from the source workload's own namespace, so the far agent
+//! sees that workload's IP, and a destination IP now owned by another identity gets connections
+//! of its own. Concurrent streams are spread over up to one connection per worker thread (a new
+//! one is opened only when every existing one is busy); sequential ones reuse the first. A
+//! connection with no stream for `idle_timeout` is closed and its entry removed.
 //!
 //! A stream is usable as soon as `CONNECT` is sent: the caller's first bytes travel with it
 //! instead of a round trip later, and the far agent delivers them only once it has accepted
@@ -24,6 +26,7 @@ use bytes::Bytes;
 use h2::client::SendRequest;
 use http::{Method, Request, StatusCode};
 use rustls_pki_types::ServerName;
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info};
 
@@ -45,6 +48,9 @@ pub struct HboneClient {
     identities: IdentityStore,
     bundle: SharedBundle,
     idle_timeout: Duration,
+    /// Connections per key that concurrent streams are spread over: one per worker thread,
+    /// since one connection's TLS runs on one thread at a time.
+    spread: usize,
 }
 
 /// The connections of one key. The lock serializes choosing and establishing, so that a burst
@@ -141,6 +147,7 @@ impl HboneClient {
             identities,
             bundle,
             idle_timeout,
+            spread: tokio::runtime::Handle::current().metrics().num_workers().max(1),
         });
         tokio::spawn(close_idle_connections(Arc::downgrade(&client)));
         client
@@ -148,11 +155,12 @@ impl HboneClient {
 
     /// Opens a stream to `authority` (the destination) through the agent listening on `dst`
     /// (the destination workload's IP, port 15008), which must prove `expected`, for the
-    /// workload named `source_workload` with identity `source` (from its namespace `netns`).
+    /// workload named `source_workload` with identity `source` (from its namespace `netns`; a
+    /// TLS handshake it needs waits for one of its `handshakes`).
     pub async fn open(
         &self,
         (source_workload, source): (&str, &SpiffeId),
-        netns: &NetNs,
+        (netns, handshakes): (&NetNs, &Semaphore),
         dst: SocketAddr,
         expected: &SpiffeId,
         authority: SocketAddr,
@@ -168,7 +176,7 @@ impl HboneClient {
         // streams before its task ends: mark it closed and try once more on a fresh one.
         let mut retried = false;
         loop {
-            let (sender, peer, stream_usage) = self.pooled_sender(&key, netns).await?;
+            let (sender, peer, stream_usage) = self.pooled_sender(&key, netns, handshakes).await?;
             let usage = stream_usage.0.clone();
             let request = connect_request(authority)?;
             match open_stream(sender, request, stream_usage).await {
@@ -193,6 +201,7 @@ impl HboneClient {
         &self,
         key: &PoolKey,
         netns: &NetNs,
+        handshakes: &Semaphore,
     ) -> Result<(SendRequest<Bytes>, SpiffeId, StreamUsage), HboneError> {
         let slot = {
             let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
@@ -200,11 +209,22 @@ impl HboneClient {
         };
         let mut connections = slot.lock().await;
         connections.retain(|c| !c.usage.closed.load(Ordering::Acquire));
-        if let Some(conn) = connections.iter().find(|c| c.has_room()) {
-            let usage = StreamUsage::open(conn.usage.clone());
-            return Ok((conn.sender.clone(), conn.peer.clone(), usage));
+        let least_busy = connections
+            .iter()
+            .filter(|c| c.has_room())
+            .min_by_key(|c| c.open_streams());
+        match least_busy {
+            Some(conn) if conn.open_streams() == 0 || connections.len() >= self.spread => {
+                let usage = StreamUsage::open(conn.usage.clone());
+                return Ok((conn.sender.clone(), conn.peer.clone(), usage));
+            }
+            // Every connection is busy (or at the peer's SETTINGS_MAX_CONCURRENT_STREAMS), and
+            // there are fewer than worker threads: another connection lets the streams'
+            // encryption run on another thread.
+            _ => {}
         }
-        // Every connection is at the peer's SETTINGS_MAX_CONCURRENT_STREAMS: open another.
+        // The semaphore is never closed: an error cannot happen, and would mean no wait.
+        let _turn = handshakes.acquire().await.ok();
         let conn = self.establish(key, netns).await?;
         let found = (
             conn.sender.clone(),
@@ -396,7 +416,11 @@ fn set_user_timeout(tcp: &tokio::net::TcpStream, timeout: Duration) -> std::io::
 impl PooledConnection {
     /// Whether the peer allows another concurrent stream on it.
     fn has_room(&self) -> bool {
-        self.usage.open_streams.load(Ordering::Acquire) < self.sender.current_max_send_streams()
+        self.open_streams() < self.sender.current_max_send_streams()
+    }
+
+    fn open_streams(&self) -> usize {
+        self.usage.open_streams.load(Ordering::Acquire)
     }
 
     fn is_idle_for(&self, timeout: Duration) -> bool {

@@ -4,12 +4,14 @@
 //! - [`hbone`]: the mutual-TLS tunnel to the agent of a workload on another node;
 //! - [`inbound`]: that tunnel's far end, delivering to the local workload;
 //! - [`tunnel`]: one HBONE stream, as the relay reads and writes it;
+//! - [`limits`]: what one workload may hold at once (fair sharing);
 //! - `relay`: moving the bytes between the two legs of a connection;
 //! - [`record`]: one connection's metrics, access-log line and admin listing, from open to
 //!   close.
 
 pub mod hbone;
 pub mod inbound;
+pub mod limits;
 pub mod outbound;
 pub mod record;
 mod relay;

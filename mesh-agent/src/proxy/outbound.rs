@@ -15,7 +15,10 @@ use std::{
 
 use anyhow::Context as _;
 use mesh_ebpf_common::OUTBOUND_PORT;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
+};
 use tokio_util::task::TaskTracker;
 use tracing::warn;
 
@@ -23,6 +26,7 @@ use super::{
     Lifetime,
     hbone::{HBONE_PORT, HboneClient, HboneError, HboneStream},
     inbound::{LocalTarget, LocalTargets, SameNodeError},
+    limits::{Limit, Limits},
     record::{ConnectionRecord, Connections, Direction, End, Ending, Facts, Security},
     relay::{relay, tcp_halves},
     tunnel::Refused,
@@ -51,6 +55,10 @@ struct Source {
     orig_dst: OrigDstTable,
     mesh: Arc<Mesh>,
     lifetime: Lifetime,
+    /// Its concurrent connections (fair sharing).
+    connections: Arc<Limit>,
+    /// The HBONE handshakes its connections may wait on at once.
+    handshakes: Semaphore,
 }
 
 /// What the outbound side needs to know of the mesh to choose a route.
@@ -61,6 +69,7 @@ pub struct Mesh {
     pub connections: Connections,
     /// The node's served workloads, for same-node connections.
     pub local: LocalTargets,
+    pub limits: Limits,
 }
 
 /// A workload a connection may go to through its agent, and the address it is asked for.
@@ -115,6 +124,8 @@ impl Outbound {
         }
         let netns_cookie =
             netns::netns_cookie(&listeners[0]).context("reading the workload's netns cookie")?;
+        let connections = Limit::new(mesh.limits.connections_per_workload);
+        let handshakes = Semaphore::new(mesh.limits.handshakes_per_workload);
         Ok(Self {
             listeners,
             source: Arc::new(Source {
@@ -124,6 +135,8 @@ impl Outbound {
                 orig_dst,
                 mesh,
                 lifetime,
+                connections,
+                handshakes,
             }),
         })
     }
@@ -154,6 +167,15 @@ async fn handle(mut conn: TcpStream, peer: SocketAddr, source: Arc<Source>) {
         reset(conn);
         return;
     };
+    let Some(permit) = source.connections.try_acquire() else {
+        let limit = source.connections.max();
+        record.close(Ending::over_limit(format_args!(
+            "{limit} concurrent connections from this workload"
+        )));
+        reset(conn);
+        return;
+    };
+    record.hold(permit);
     let _ = conn.set_nodelay(true);
     let state = source.mesh.state.load();
     let forwarded = async {
@@ -266,7 +288,7 @@ async fn forward_hbone(
         let via = SocketAddr::new(endpoint.authority.ip(), HBONE_PORT);
         let open = source.mesh.hbone.open(
             (&source.info.uid, &source.info.identity),
-            &source.netns,
+            (&source.netns, &source.handshakes),
             via,
             &endpoint.workload.identity,
             endpoint.authority,

@@ -21,7 +21,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{Transferred, telemetry};
+use super::{Transferred, limits::Permit, telemetry};
 use crate::{
     admin::{ConnectionLabels, Metrics, Reporter, ResponseFlags, SecurityPolicy},
     identity::SpiffeId,
@@ -222,6 +222,16 @@ impl Ending {
             rejection: Some("policy_denied"),
             denied_by: Some(by.to_string()),
             ..Self::default()
+        }
+    }
+
+    /// Refused because a workload is at its limit (`what`, e.g. its concurrent connections).
+    pub fn over_limit(what: impl fmt::Display) -> Self {
+        Self {
+            flags: ResponseFlags::Overflow,
+            error: Some(format!("over the limit of {what}")),
+            rejection: Some("over_limit"),
+            denied_by: None,
         }
     }
 
@@ -521,6 +531,8 @@ pub struct ConnectionRecord {
     opened: Option<(u64, Arc<Open>)>,
     started: Instant,
     closed: bool,
+    /// The connection's place under its workload's limit, given back with the record.
+    permit: Option<Permit>,
 }
 
 impl ConnectionRecord {
@@ -538,7 +550,13 @@ impl ConnectionRecord {
             opened: None,
             started: Instant::now(),
             closed: false,
+            permit: None,
         }
+    }
+
+    /// Keeps `permit` for as long as the connection lasts.
+    pub fn hold(&mut self, permit: Permit) {
+        self.permit = Some(permit);
     }
 
     /// What is known so far; changes after [`Self::open`] reach the access log only.

@@ -29,7 +29,7 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 /// Why an inbound HBONE connection or stream was turned away; each has its own log line.
 #[derive(Debug, thiserror::Error)]
-enum Rejection {
+pub enum Rejection {
     #[error("not a TLS client (plaintext on the mTLS port?)")]
     NotTls,
     #[error("closed before the TLS handshake")]
@@ -48,11 +48,13 @@ enum Rejection {
     BadAuthority(String),
     #[error("authority {0} is not a workload this listener serves")]
     NotServedHere(SocketAddr),
+    #[error("the peer has {0} TLS handshakes in progress already")]
+    TooManyHandshakes(usize),
 }
 
 impl Rejection {
     /// Stable names for logs and metrics.
-    fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> &'static str {
         match self {
             Rejection::NotTls => "not_tls",
             Rejection::ClosedEarly => "connection_closed",
@@ -63,13 +65,21 @@ impl Rejection {
             Rejection::NotConnect(_) => "not_connect",
             Rejection::BadAuthority(_) => "bad_authority",
             Rejection::NotServedHere(_) => "authority_not_served",
+            Rejection::TooManyHandshakes(_) => "over_limit",
         }
     }
 }
 
 pub(super) async fn serve_connection(tcp: TcpStream, peer_addr: SocketAddr, target: Arc<Target>) {
     let peer_addr = canonical(peer_addr);
-    let (tls, identity) = match accept_mtls(tcp, &target).await {
+    let handshakes = &target.context.limits.inbound_handshakes;
+    let turn = handshakes.try_acquire(peer_addr.ip());
+    let accepted = match turn {
+        Some(_) => accept_mtls(tcp, &target).await,
+        None => Err(Rejection::TooManyHandshakes(handshakes.max())),
+    };
+    drop(turn);
+    let (tls, identity) = match accepted {
         Ok(accepted) => accepted,
         Err(rejection) => {
             target
@@ -203,7 +213,9 @@ async fn handle_stream(
     let (upstream, record) = match admit(&target, &caller, dst, record).await {
         Admission::Connected(upstream, record) => (upstream, record),
         Admission::Denied { .. } => return refuse(&mut respond, StatusCode::FORBIDDEN),
-        Admission::Unreachable => return refuse(&mut respond, StatusCode::SERVICE_UNAVAILABLE),
+        Admission::Unreachable | Admission::OverLimit => {
+            return refuse(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+        }
     };
     let send = match respond.send_response(status(StatusCode::OK), false) {
         Ok(send) => send,
@@ -227,10 +239,21 @@ fn refuse(respond: &mut SendResponse<Bytes>, code: StatusCode) {
     let _ = respond.send_response(status(code), true);
 }
 
+/// The destination a stream asks for, if the listener serves it.
 fn requested_destination(
     request: &Request<RecvStream>,
     target: &Target,
 ) -> Result<SocketAddr, Rejection> {
+    let dst = connect_destination(request)?;
+    if !target.owns(dst.ip()) {
+        return Err(Rejection::NotServedHere(dst));
+    }
+    Ok(dst)
+}
+
+/// The destination of a `CONNECT` request: its authority, which must be an `ip:port` (HBONE
+/// names no hosts, and nothing is resolved). Any other method is refused.
+pub fn connect_destination<B>(request: &Request<B>) -> Result<SocketAddr, Rejection> {
     if request.method() != Method::CONNECT {
         return Err(Rejection::NotConnect(request.method().clone()));
     }
@@ -239,17 +262,82 @@ fn requested_destination(
         .authority()
         .map(|a| a.as_str())
         .unwrap_or_default();
-    let dst: SocketAddr = authority
-        .parse()
-        .map_err(|_| Rejection::BadAuthority(authority.to_owned()))?;
-    if !target.owns(dst.ip()) {
-        return Err(Rejection::NotServedHere(dst));
+    let bad = || Rejection::BadAuthority(authority.to_owned());
+    // An IPv6 zone (`[fe80::1%2]:80`) would let the peer choose the interface the workload is
+    // reached through. An HTTP authority has none, but the std parser takes one (and reads RFC
+    // 6874's `%25` as zone 25), so any `%` is refused before it.
+    if authority.contains('%') {
+        return Err(bad());
     }
-    Ok(dst)
+    authority.parse().map_err(|_| bad())
 }
 
 fn status(code: StatusCode) -> Response<()> {
     let mut response = Response::new(());
     *response.status_mut() = code;
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn destination(method: Method, authority: &str) -> Result<SocketAddr, Rejection> {
+        let request = Request::builder()
+            .method(method)
+            .uri(
+                http::Uri::builder()
+                    .authority(authority)
+                    .build()
+                    .expect("a URI"),
+            )
+            .body(())
+            .expect("a request");
+        connect_destination(&request)
+    }
+
+    #[test]
+    fn a_connect_to_an_ip_and_port_is_its_destination() {
+        for (authority, dst) in [
+            ("10.1.0.2:8080", "10.1.0.2:8080"),
+            ("[fd00:1::2]:15008", "[fd00:1::2]:15008"),
+            ("[::ffff:10.1.0.2]:80", "[::ffff:10.1.0.2]:80"),
+            ("10.1.0.2:0080", "10.1.0.2:80"),
+        ] {
+            assert_eq!(
+                destination(Method::CONNECT, authority).expect(authority),
+                dst.parse::<SocketAddr>().expect("an address"),
+            );
+        }
+    }
+
+    #[test]
+    fn other_methods_and_authorities_are_refused() {
+        let kind = |method, authority| destination(method, authority).map_err(|r| r.kind());
+        assert_eq!(kind(Method::GET, "10.1.0.2:80"), Err("not_connect"));
+        for authority in [
+            "httpbin.demo:80",
+            "user@10.1.0.2:80",
+            "10.1.0.2",
+            "10.1.0.2:",
+            "10.1.0.2:65536",
+            "010.1.0.2:80",
+        ] {
+            assert_eq!(
+                kind(Method::CONNECT, authority),
+                Err("bad_authority"),
+                "{authority}"
+            );
+        }
+    }
+
+    /// Found by fuzzing (fuzz/fuzz_targets/connect_authority.rs): the zone was taken, and the
+    /// connection to the workload would have gone out of the interface the peer named.
+    #[test]
+    fn an_ipv6_zone_is_refused() {
+        for authority in ["[fe80::1%2]:80", "[fe80::1%25]:80", "[fd00:1::2%0]:8080"] {
+            let refused = destination(Method::CONNECT, authority).map_err(|r| r.kind());
+            assert_eq!(refused, Err("bad_authority"), "{authority}");
+        }
+    }
 }

@@ -16,6 +16,9 @@ mod hbone;
 mod plaintext;
 mod same_node;
 
+/// For the fuzz targets (`fuzz/`): the parsing of a `CONNECT` request's destination.
+#[doc(hidden)]
+pub use hbone::{Rejection as HboneRejection, connect_destination};
 pub use same_node::{LocalTarget, LocalTargets, SameNodeError};
 
 use std::{
@@ -42,6 +45,7 @@ use super::{
     Lifetime,
     hbone::HBONE_PORT,
     record::{ByteMeter, ConnectionRecord, Connections, Direction, End, Ending, Facts, Security},
+    limits::Limits,
     relay::{ChunkRead, ChunkWrite, relay, tcp_halves},
 };
 use crate::{
@@ -74,6 +78,8 @@ pub struct InboundContext {
     pub max_concurrent_streams: u32,
     /// Where each served workload is published for same-node connections.
     pub local: LocalTargets,
+    /// What one calling workload may hold (fair sharing).
+    pub limits: Limits,
 }
 
 /// What every inbound connection to the workload needs.
@@ -347,6 +353,8 @@ enum Admission {
     },
     /// The workload did not accept the connection.
     Unreachable,
+    /// The calling workload is at its limit of concurrent connections.
+    OverLimit,
 }
 
 /// Authorizes a connection and connects to the workload; a refused or failed one is recorded
@@ -355,12 +363,24 @@ async fn admit(
     target: &Target,
     caller: &Caller,
     dst: SocketAddr,
-    record: ConnectionRecord,
+    mut record: ConnectionRecord,
 ) -> Admission {
     if let Decision::Deny { by } = target.authorize(caller, dst) {
         let by = by.to_string();
         record.close(Ending::denied(&by));
         return Admission::Denied { by };
+    }
+    // A same-node caller holds its place under its own outbound limit already.
+    if caller.via != Via::SameNode {
+        let limits = &target.context.limits.inbound_connections;
+        let Some(permit) = limits.try_acquire(caller.addr.ip()) else {
+            let limit = limits.max();
+            record.close(Ending::over_limit(format_args!(
+                "{limit} concurrent connections from one workload"
+            )));
+            return Admission::OverLimit;
+        };
+        record.hold(permit);
     }
     match connect_to_workload(&target.netns, dst).await {
         Ok(upstream) => Admission::Connected(upstream, record),

@@ -53,7 +53,7 @@ pub(super) async fn serve_connection(
     let (upstream, record) = match admit(&target, &caller, dst, record).await {
         Admission::Connected(upstream, record) => (upstream, record),
         Admission::Denied { .. } => return refuse(tcp).await,
-        Admission::Unreachable => return reset(tcp),
+        Admission::Unreachable | Admission::OverLimit => return reset(tcp),
     };
     let failure = deliver(
         tcp_halves(&mut tcp),

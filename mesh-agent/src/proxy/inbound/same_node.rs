@@ -111,7 +111,10 @@ impl LocalTarget {
                 wait_for_first_bytes(conn).await;
                 return Err(SameNodeError::Denied { by });
             }
-            Admission::Unreachable => return Err(SameNodeError::Unreachable),
+            // A same-node caller is limited on its outbound side, not here.
+            Admission::Unreachable | Admission::OverLimit => {
+                return Err(SameNodeError::Unreachable);
+            }
         };
         match deliver(tcp_halves(conn), upstream, &caller, dst, target, record).await {
             None => Ok(()),
