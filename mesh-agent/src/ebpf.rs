@@ -28,7 +28,7 @@ use aya::{
     maps::{Array, HashMap, MapData, SockHash},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SkLookup, SockOps,
-        links::FdLink, links::PinnedLink,
+        links::FdLink,
     },
 };
 use mesh_ebpf_common::{AF_INET, AF_INET6, Enrollment, IpKey, PeerKey, SockAddr, maps, programs};
@@ -429,9 +429,10 @@ where
     Ok(T::try_from(map)?)
 }
 
-/// Pins `new` at `path`. The previous pin, if any, is dropped only after `new` is attached, and
-/// `new` is pinned before that, so the cgroup is never without a capture program, even if the
-/// agent dies half-way.
+/// Pins `new` at `path`, replacing the previous pin in one step: `new` is attached and pinned
+/// under a staging name first, then renamed over the old pin (bpffs replaces the target of a
+/// rename atomically, which drops the old link). The cgroup is never without a capture program
+/// and the pin's name never goes missing, whenever the agent dies.
 fn replace_pinned_link(new: FdLink, path: &Path) -> anyhow::Result<()> {
     // bpffs refuses dots in names.
     let mut staging = path.as_os_str().to_owned();
@@ -442,14 +443,6 @@ fn replace_pinned_link(new: FdLink, path: &Path) -> anyhow::Result<()> {
     }
     new.pin(&staging)
         .with_context(|| format!("pinning link at {}", staging.display()))?;
-    if path.exists() {
-        let old = PinnedLink::from_pin(path)
-            .with_context(|| format!("opening pinned link {}", path.display()))?;
-        drop(
-            old.unpin()
-                .with_context(|| format!("unpinning {}", path.display()))?,
-        );
-    }
     fs::rename(&staging, path).with_context(|| format!("renaming pin to {}", path.display()))
 }
 

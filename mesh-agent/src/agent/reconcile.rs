@@ -70,10 +70,19 @@ impl Reconciler {
             .filter_map(|w| w.cgroup_id)
             .collect();
         self.capture.retain_enrolled(&keep_cgroups)?;
+        // A workload not served yet (its listeners failed) keeps the capture a previous agent
+        // attached to its namespace: nothing listens for it, so sk_lookup refuses its inbound
+        // connections until it is served, as it does while no agent runs.
         let keep_netns: HashSet<u64> = self
             .workloads
             .values()
             .filter_map(|w| w.lifecycle.as_ref().map(|(inode, _)| *inode))
+            .chain(
+                state
+                    .local_workloads()
+                    .iter()
+                    .filter_map(|info| Observed::of(info).netns_inode),
+            )
             .collect();
         self.capture.retain_inbound_namespaces(&keep_netns)?;
         self.capture.retain_inbound(&local_ips(state))?;
