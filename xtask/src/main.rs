@@ -1,4 +1,4 @@
-//! Task runner for the workspace: `cargo xtask <setup|build|test|run|demo|bench>`.
+//! Task runner for the workspace: `cargo xtask <setup|build|test|run|demo|bench|soak|fuzz>`.
 //!
 //! Everything xtask says goes to stderr (like cargo), each command it runs is echoed as `$ ...`.
 
@@ -40,6 +40,18 @@ const DEB_PACKAGES: &[&str] = &[
 ];
 /// Later versions need a system LLVM that Debian 12 lacks (see shared/ebpf-notes.md).
 const BPF_LINKER_VERSION: &str = "0.10.4";
+/// The newest cargo-fuzz; it builds with the stable toolchain (and runs with the pinned nightly).
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+/// The fuzz targets of fuzz/ (docs/fuzzing.md), in the order `cargo xtask fuzz` runs them.
+const FUZZ_TARGETS: &[&str] = &[
+    "hbone_front",
+    "connect_authority",
+    "policy_yaml",
+    "cluster_file",
+    "ca_request",
+];
+/// How long `cargo xtask fuzz` (and so `cargo xtask test`, CI) runs each target.
+const FUZZ_SECONDS: u64 = 30;
 const MIN_KERNEL: (u32, u32) = (5, 14); // SO_NETNS_COOKIE, see docs/agent.md
 /// The go.mod files of the test tools say `go 1.26.0`.
 const GO_MIN: &str = "1.26";
@@ -99,6 +111,35 @@ enum Task {
         /// writes bench/results/ca.md
         #[arg(long, conflicts_with_all = ["profile", "kubernetes"])]
         ca: bool,
+        /// Also measure Istio's ztunnel (a binary you built, see docs/performance.md) as a
+        /// peer on the same pods: one per pod, dedicated mode, iptables capture, its fake CA
+        #[arg(long, value_name = "PATH", conflicts_with_all = ["profile", "kubernetes", "ca"])]
+        ztunnel: Option<PathBuf>,
+    },
+    /// setup + build, then the soak (`mesh-bench --soak`): 10,000 held connections and 2,000 new
+    /// ones per second for 60 s through the mesh, cross-node, with certificate renewals and a
+    /// policy reload every 10 s; writes bench/results/soak.md, fails if a connection the policy
+    /// allows failed or the agents' descriptors did not come back
+    Soak {
+        /// Connections held open (default 10,000)
+        #[arg(long, value_name = "N")]
+        held: Option<usize>,
+        /// New connections per second (default 2,000)
+        #[arg(long, value_name = "R")]
+        rate: Option<u32>,
+        /// How long the new connections go on, seconds (default 60)
+        #[arg(long, value_name = "S")]
+        seconds: Option<u32>,
+    },
+    /// Build the fuzz targets (fuzz/, cargo-fuzz on the pinned nightly) and run each on its
+    /// committed corpus; fails if one crashes (docs/fuzzing.md)
+    Fuzz {
+        /// Only this target (default: every one)
+        #[arg(long, value_name = "NAME")]
+        target: Option<String>,
+        /// How long each target runs
+        #[arg(long, value_name = "N", default_value_t = FUZZ_SECONDS)]
+        seconds: u64,
     },
 }
 
@@ -116,7 +157,14 @@ fn main() -> ExitCode {
             profile,
             kubernetes,
             ca,
-        } => bench(quick, profile, kubernetes, ca),
+            ztunnel,
+        } => bench(quick, profile, kubernetes, ca, ztunnel.as_deref()),
+        Task::Soak {
+            held,
+            rate,
+            seconds,
+        } => soak(held, rate, seconds),
+        Task::Fuzz { target, seconds } => fuzz(target.as_deref(), seconds),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -135,6 +183,7 @@ fn setup() -> Result<()> {
     setup_deb_packages()?;
     setup_nightly()?;
     setup_bpf_linker()?;
+    setup_cargo_fuzz()?;
     setup_bpffs()?;
     check_go()?;
     go_tools::setup()
@@ -163,7 +212,10 @@ fn test(args: &[String]) -> Result<()> {
         secs / 60,
         secs % 60
     );
-    result
+    // Then every fuzz target for FUZZ_SECONDS on its corpus: a crash fails the task as a failed
+    // test does (and runs even when a test failed, as --no-fail-fast does).
+    let fuzzed = fuzz(None, FUZZ_SECONDS);
+    result.and(fuzzed)
 }
 
 fn run(args: &[String]) -> Result<()> {
@@ -189,8 +241,21 @@ fn demo(kubernetes: bool) -> Result<()> {
     cmd(&mut c)
 }
 
-fn bench(quick: bool, profile: bool, kubernetes: bool, ca: bool) -> Result<()> {
+fn bench(
+    quick: bool,
+    profile: bool,
+    kubernetes: bool,
+    ca: bool,
+    ztunnel: Option<&Path>,
+) -> Result<()> {
     let start = Instant::now();
+    // Absolute, since the bench runs from the workspace root; checked before the long setup.
+    let ztunnel = ztunnel
+        .map(|p| {
+            std::fs::canonicalize(p)
+                .with_context(|| format!("--ztunnel {}: no such file", p.display()))
+        })
+        .transpose()?;
     setup()?;
     build(true)?;
     if kubernetes {
@@ -210,10 +275,256 @@ fn bench(quick: bool, profile: bool, kubernetes: bool, ca: bool) -> Result<()> {
     if ca {
         c.arg("--ca");
     }
+    if let Some(z) = &ztunnel {
+        c.arg(format!("--ztunnel={}", z.display()));
+    }
     let result = cmd(&mut c);
     let secs = start.elapsed().as_secs();
     eprintln!("bench wall-clock time: {}m{:02}s", secs / 60, secs % 60);
     result
+}
+
+/// The soak: mesh-bench --soak, with its load generator (mesh-load) built beside it, since
+/// `cargo run` builds only the program it runs. The report is written even when it fails.
+fn soak(held: Option<usize>, rate: Option<u32>, seconds: Option<u32>) -> Result<()> {
+    let start = Instant::now();
+    setup()?;
+    build(true)?;
+    cmd(&mut cargo("build --release -p mesh-tests --bin mesh-load"))?;
+    let mut c = cargo("run --release -p mesh-tests --bin mesh-bench -- --soak");
+    harness_env(&mut c)?;
+    if let Some(n) = held {
+        c.arg(format!("--held={n}"));
+    }
+    if let Some(r) = rate {
+        c.arg(format!("--rate={r}"));
+    }
+    if let Some(s) = seconds {
+        c.arg(format!("--seconds={s}"));
+    }
+    let result = cmd(&mut c);
+    let secs = start.elapsed().as_secs();
+    eprintln!(
+        "soak wall-clock time: {}m{:02}s (report: bench/results/soak.md)",
+        secs / 60,
+        secs % 60
+    );
+    result
+}
+
+// ---- fuzzing (docs/fuzzing.md) ----
+
+/// Builds the fuzz targets of fuzz/ with cargo-fuzz on the pinned nightly, then runs each for
+/// `seconds` on its committed corpus, which stays as it is: what a run finds goes to a scratch
+/// corpus (the first directory, the one libFuzzer writes to). Prints each target's runs, speed
+/// and coverage; fails if one crashed, keeping the input that did it in fuzz/artifacts/.
+fn fuzz(only: Option<&str>, seconds: u64) -> Result<()> {
+    let targets: Vec<&str> = match only {
+        None => FUZZ_TARGETS.to_vec(),
+        Some(name) if FUZZ_TARGETS.contains(&name) => vec![name],
+        Some(name) => bail!(
+            "no fuzz target {name} (the targets: {})",
+            FUZZ_TARGETS.join(", ")
+        ),
+    };
+    setup_nightly()?;
+    setup_cargo_fuzz()?;
+    let start = Instant::now();
+    let mut build = cargo_fuzz("build")?;
+    if let [one] = targets[..] {
+        build.arg(one);
+    }
+    cmd(&mut build)?;
+    eprintln!("fuzz targets built in {}s", start.elapsed().as_secs());
+    let scratch = std::env::temp_dir().join(format!("mesh-fuzz-{}", std::process::id()));
+    let mut crashed = Vec::new();
+    let mut summaries = Vec::new();
+    for target in targets {
+        let run = fuzz_run(target, seconds, &scratch.join(target))?;
+        summaries.push(run.summary(target));
+        eprintln!("{}", run.summary(target));
+        if let Some(crash) = run.crash {
+            crashed.push(format!("{target}: {crash}"));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    eprintln!("fuzzing ({seconds}s per target):");
+    for summary in &summaries {
+        eprintln!("  {summary}");
+    }
+    if !crashed.is_empty() {
+        bail!("fuzz targets crashed:\n  {}", crashed.join("\n  "));
+    }
+    Ok(())
+}
+
+/// `cargo +NIGHTLY fuzz SUBCOMMAND` on fuzz/, built outside the work tree in a directory that
+/// outlives checkouts (CI's clean clones re-use it): ~/.cache/mesh/fuzz-target.
+fn cargo_fuzz(subcommand: &str) -> Result<Command> {
+    let mut c = Command::new("cargo");
+    c.arg(format!("+{}", ebpf_toolchain()?))
+        .args(["fuzz", subcommand, "--fuzz-dir"])
+        .arg(root().join("fuzz"))
+        .arg("--target-dir")
+        .arg(fuzz_target_dir()?)
+        .current_dir(root());
+    // `cargo run` gave xtask the CARGO_PKG_NAME, CARGO_MANIFEST_DIR... of its own package. Build
+    // scripts that watch them (ring's does) would take them for a change and build again what a
+    // shell's `cargo fuzz build` built: the fuzz build gets a shell's environment.
+    const SET_BY_CARGO_RUN: &[&str] = &[
+        "CARGO_PKG_",
+        "CARGO_MANIFEST_",
+        "CARGO_CRATE_",
+        "CARGO_BIN_",
+        "CARGO_PRIMARY_",
+        "CARGO_CFG_",
+        "CARGO_FEATURE_",
+    ];
+    for (key, _) in std::env::vars_os() {
+        let name = key.to_string_lossy();
+        if name == "CARGO"
+            || name == "OUT_DIR"
+            || SET_BY_CARGO_RUN.iter().any(|p| name.starts_with(p))
+        {
+            c.env_remove(&key);
+        }
+    }
+    Ok(c)
+}
+
+fn fuzz_target_dir() -> Result<PathBuf> {
+    let home = std::env::var_os("HOME").context("HOME is not set")?;
+    Ok(PathBuf::from(home).join(".cache/mesh/fuzz-target"))
+}
+
+/// One target's run, from libFuzzer's output.
+#[derive(Default)]
+struct FuzzRun {
+    runs: Option<u64>,
+    execs_per_sec: Option<u64>,
+    cov: Option<u64>,
+    ft: Option<u64>,
+    /// `corp: UNITS/SIZE`: the corpus at the end, committed and new units.
+    corpus: Option<String>,
+    /// Where the crashing input was kept, or why none was.
+    crash: Option<String>,
+}
+
+fn fuzz_run(target: &str, seconds: u64, scratch: &Path) -> Result<FuzzRun> {
+    let corpus = root().join("fuzz/corpus").join(target);
+    if !corpus.is_dir() {
+        bail!("{} is missing: every target has a corpus", corpus.display());
+    }
+    let _ = std::fs::remove_dir_all(scratch);
+    let (found, artifacts) = (scratch.join("corpus"), scratch.join("artifacts"));
+    for dir in [&found, &artifacts] {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let log_path = scratch.join("libfuzzer.log");
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
+    let bin = fuzz_target_dir()?
+        .join(format!(
+            "{}-unknown-linux-gnu/release",
+            std::env::consts::ARCH
+        ))
+        .join(target);
+    let mut c = Command::new(&bin);
+    c.arg(&found)
+        .arg(&corpus)
+        .arg(format!("-max_total_time={seconds}"))
+        // An input takes milliseconds; one still running after this has hung.
+        .arg("-timeout=30")
+        .arg("-print_final_stats=1")
+        .arg(format!("-artifact_prefix={}/", artifacts.display()))
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    eprintln!("$ {}", show(&c));
+    let status = c
+        .status()
+        .with_context(|| format!("cannot start {}", bin.display()))?;
+    let output = String::from_utf8_lossy(&std::fs::read(&log_path)?).into_owned();
+    let mut run = FuzzRun::parse(&output);
+    if !status.success() {
+        let lines: Vec<&str> = output.lines().collect();
+        for line in &lines[lines.len().saturating_sub(80)..] {
+            eprintln!("  | {line}");
+        }
+        let written = output
+            .lines()
+            .find_map(|l| l.split_once("Test unit written to ").map(|(_, p)| p.trim()));
+        run.crash = Some(match written {
+            Some(path) => keep_fuzz_artifact(target, Path::new(path))?,
+            None => format!("{status}, no input saved (log above)"),
+        });
+    }
+    Ok(run)
+}
+
+/// Copies a crashing input to fuzz/artifacts/TARGET/ (ignored by git), where cargo-fuzz keeps
+/// them; says how to run it again.
+fn keep_fuzz_artifact(target: &str, path: &Path) -> Result<String> {
+    let dir = root().join("fuzz/artifacts").join(target);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let kept = dir.join(path.file_name().context("an artifact without a name")?);
+    std::fs::copy(path, &kept).with_context(|| format!("copying {}", path.display()))?;
+    Ok(format!(
+        "crashed on {}; again: cargo +{} fuzz run --fuzz-dir fuzz --target-dir {} {target} {}",
+        kept.display(),
+        ebpf_toolchain()?,
+        fuzz_target_dir()?.display(),
+        kept.display()
+    ))
+}
+
+impl FuzzRun {
+    /// From `stat::...` (-print_final_stats) and the last status line
+    /// (`#N DONE cov: C ft: F corp: U/S ...`).
+    fn parse(output: &str) -> Self {
+        let stat = |name: &str| {
+            output.lines().find_map(|l| {
+                l.strip_prefix(name)?
+                    .trim_start_matches(':')
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+        };
+        let status = output
+            .lines()
+            .rev()
+            .find(|l| l.starts_with('#') && l.contains(" cov: "))
+            .unwrap_or_default();
+        let field = |name: &str| {
+            let mut words = status.split_whitespace();
+            words.find(|w| *w == name)?;
+            words.next().map(str::to_owned)
+        };
+        Self {
+            runs: stat("stat::number_of_executed_units"),
+            execs_per_sec: stat("stat::average_exec_per_sec"),
+            cov: field("cov:").and_then(|v| v.parse().ok()),
+            ft: field("ft:").and_then(|v| v.parse().ok()),
+            corpus: field("corp:"),
+            crash: None,
+        }
+    }
+
+    fn summary(&self, target: &str) -> String {
+        let show = |v: Option<u64>| v.map_or_else(|| "?".to_owned(), |v| v.to_string());
+        format!(
+            "{target}: {} runs, {} exec/s, cov {}, ft {}, corpus {}{}",
+            show(self.runs),
+            show(self.execs_per_sec),
+            show(self.cov),
+            show(self.ft),
+            self.corpus.as_deref().unwrap_or("?"),
+            match &self.crash {
+                Some(crash) => format!(": CRASHED, {crash}"),
+                None => ", no crash".to_owned(),
+            }
+        )
+    }
 }
 
 /// The harness's kubelet, for the programs that run Kubernetes: the harness starts it from
@@ -363,6 +674,27 @@ fn setup_bpf_linker() -> Result<()> {
         "cargo install bpf-linker --version {BPF_LINKER_VERSION} --locked --force"
     )))?;
     eprintln!("bpf-linker {BPF_LINKER_VERSION}: installed now");
+    Ok(())
+}
+
+/// cargo-fuzz builds and runs the fuzz targets (`cargo xtask fuzz`); built with the stable
+/// toolchain, it runs with the pinned nightly (`cargo +NIGHTLY fuzz`).
+fn setup_cargo_fuzz() -> Result<()> {
+    // prints "cargo-fuzz 0.13.2"
+    let found = probe(&mut command("cargo-fuzz --version"));
+    let version = found.as_deref().and_then(|v| v.split_whitespace().nth(1));
+    if version == Some(CARGO_FUZZ_VERSION) {
+        eprintln!("cargo-fuzz {CARGO_FUZZ_VERSION}: installed");
+        return Ok(());
+    }
+    eprintln!(
+        "cargo-fuzz: found {}, need {CARGO_FUZZ_VERSION}",
+        version.unwrap_or("none")
+    );
+    cmd(&mut command(&format!(
+        "cargo install cargo-fuzz --version {CARGO_FUZZ_VERSION} --locked --force"
+    )))?;
+    eprintln!("cargo-fuzz {CARGO_FUZZ_VERSION}: installed now");
     Ok(())
 }
 

@@ -76,12 +76,12 @@ pub struct Authority {
 
 /// A refused request: who asked for what, why, and the gRPC status it gets.
 #[derive(Debug)]
-struct Refusal {
-    node: Option<String>,
-    caller: String,
-    identity: String,
-    code: Code,
-    reason: String,
+pub struct Refusal {
+    pub node: Option<String>,
+    pub caller: String,
+    pub identity: String,
+    pub code: Code,
+    pub reason: String,
 }
 
 impl Refusal {
@@ -91,12 +91,13 @@ impl Refusal {
 }
 
 /// A granted request.
-struct Grant {
-    node: String,
-    identity: SpiffeId,
-    serial: String,
-    not_after: SystemTime,
-    response: IstioCertificateResponse,
+#[derive(Debug)]
+pub struct Grant {
+    pub node: String,
+    pub identity: SpiffeId,
+    pub serial: String,
+    pub not_after: SystemTime,
+    pub response: IstioCertificateResponse,
 }
 
 /// The tonic service. Cheap to clone.
@@ -147,10 +148,6 @@ impl IstioCertificateService for CaService {
 impl Authority {
     async fn answer(&self, request: Request<IstioCertificateRequest>) -> Result<Grant, Refusal> {
         let asked = impersonated_identity(request.get_ref(), request.metadata());
-        let shown = match &asked {
-            Ok(Some(id)) => id.clone(),
-            _ => "unknown".to_owned(),
-        };
         let caller = self
             .authenticate(&request)
             .await
@@ -159,8 +156,22 @@ impl Authority {
                 reason: failure.error.to_string(),
                 node: failure.node,
                 caller: failure.caller,
-                identity: shown.clone(),
+                identity: shown_identity(&asked),
             })?;
+        self.grant(&caller, asked, request.into_inner())
+    }
+
+    /// Decides an authenticated request: `asked` is its [`impersonated_identity`], `body` the
+    /// request itself. Checks the CSR, names the identity, authorizes it for the caller's node
+    /// and signs. Needs no network: everything here is decided from the request and the
+    /// authority's own state.
+    pub fn grant(
+        &self,
+        caller: &Caller,
+        asked: Result<Option<String>, String>,
+        body: IstioCertificateRequest,
+    ) -> Result<Grant, Refusal> {
+        let shown = shown_identity(&asked);
         let refuse = |code: Code, identity: &str, reason: String| Refusal {
             node: Some(caller.node.clone()),
             caller: caller.caller.clone(),
@@ -169,7 +180,6 @@ impl Authority {
             reason,
         };
         let asked = asked.map_err(|reason| refuse(Code::InvalidArgument, &shown, reason))?;
-        let body = request.into_inner();
         let csr = WorkloadCsr::parse(&body.csr)
             .map_err(|err| refuse(Code::InvalidArgument, &shown, err.to_string()))?;
         let named = asked.unwrap_or_else(|| csr.uri_san().to_owned());
@@ -191,7 +201,7 @@ impl Authority {
             .map(|cert| pem_encode("CERTIFICATE", cert))
             .collect();
         Ok(Grant {
-            node: caller.node,
+            node: caller.node.clone(),
             identity,
             serial: issued.serial,
             not_after: issued.not_after,
@@ -237,7 +247,7 @@ impl Authority {
 /// The identity named by the request's `ImpersonatedIdentity`: in its `metadata` struct (as
 /// ztunnel sends it) or, failing that, in the gRPC metadata. Both present and different is an
 /// error rather than a guess.
-fn impersonated_identity(
+pub fn impersonated_identity(
     body: &IstioCertificateRequest,
     grpc: &MetadataMap,
 ) -> Result<Option<String>, String> {
@@ -267,6 +277,14 @@ fn impersonated_identity(
         )),
         (Some(id), _) | (None, Some(id)) => Ok(Some(id)),
         (None, None) => Ok(None),
+    }
+}
+
+/// The identity a refusal names before the CSR is read.
+fn shown_identity(asked: &Result<Option<String>, String>) -> String {
+    match asked {
+        Ok(Some(id)) => id.clone(),
+        _ => "unknown".to_owned(),
     }
 }
 
