@@ -15,11 +15,16 @@
 //! - direct same-node: plain-client -> plain-local-server (no mesh, one node's bridge);
 //! - mesh same-node: client -> local-server, short-circuited by node-a's agent (identity and
 //!   policy checked, no TLS, the bytes relayed in user space; kernel splicing is off, see
-//!   docs/agent.md).
+//!   docs/agent.md);
+//! - ztunnel, only with `--ztunnel PATH` (a binary the user built): zt-client (node-a) ->
+//!   its own ztunnel -> HBONE -> zt-server's ztunnel (node-b) -> the same servers; two more
+//!   pods outside our mesh, one ztunnel each, dedicated mode, iptables capture, ztunnel's fake
+//!   CA ([`ztunnel`]).
 //!
 //! Figures: iperf3 bulk throughput with 1 and 8 streams, 1 KiB request/response latency
 //! p50/p99 on one persistent connection, new connections per second (1 byte each way), and the
-//! CPU seconds and peak RSS of the agents (and of the stunnel processes) during each run. Each
+//! CPU seconds and peak RSS of the agents (and of the stunnel and ztunnel processes) during each
+//! run, and from them each proxy pair's CPU seconds per GB moved and CPU µs per new connection. Each
 //! figure is the median over the repetitions; paths are interleaved. Once per run: the eBPF
 //! programs' cost per captured connection (kernel BPF statistics around the mesh path's
 //! new-connections runs, [`bpf_stats`]) and the agents' RSS idle and with 10,000 idle
@@ -33,6 +38,9 @@
 //! with 10,000 pods and 1,000 Services in a real control plane; `bench/results/kubernetes.md`.
 //! `--ca` runs only the CA service's benchmark ([`ca`]): CSR latency and signatures per second;
 //! `bench/results/ca.md`.
+//! `--soak [...]` (first argument, with options of its own) runs the soak instead ([`soak`]):
+//! 10,000 held connections and 2,000 new ones per second through the mesh for 60 s, with
+//! certificate renewals and policy reloads; `bench/results/soak.md`.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -52,13 +60,16 @@ mod idle;
 mod kube_scale;
 mod profile;
 mod report;
+mod soak;
 mod state_scale;
 mod stunnel;
 mod usage;
+mod ztunnel;
 
 use report::{mib, report};
 use stunnel::start_stunnel;
 use usage::{Snapshot, Usage, read_pids};
+use ztunnel::Ztunnels;
 
 const PYTHON: &str = "/usr/bin/python3";
 const HELPER: &str = include_str!("helper.py");
@@ -83,14 +94,16 @@ struct Opts {
     ca: bool,
     /// Where the report and the chart go.
     out: PathBuf,
+    /// A ztunnel binary to measure as a second peer.
+    ztunnel: Option<PathBuf>,
     reps: usize,
     iperf_secs: u32,
     rr_n: usize,
     cr_n: usize,
 }
 
-const USAGE: &str =
-    "usage: mesh-bench [--quick] [--profile] [--kubernetes | --ca] [--reps=N] [--out=DIR]";
+const USAGE: &str = "usage: mesh-bench [--quick] [--profile] [--kubernetes | --ca] [--reps=N] \
+     [--out=DIR] [--ztunnel=PATH]";
 
 impl Opts {
     fn parse() -> Result<Self> {
@@ -100,7 +113,9 @@ impl Opts {
         let mut ca = false;
         let mut reps = None;
         let mut out = workspace_root().join("bench/results");
-        for a in std::env::args().skip(1) {
+        let mut ztunnel = None;
+        let mut args = std::env::args().skip(1);
+        while let Some(a) = args.next() {
             match a.as_str() {
                 "--quick" => quick = true,
                 "--profile" => profile = true,
@@ -108,12 +123,22 @@ impl Opts {
                 "--ca" => ca = true,
                 s if s.starts_with("--reps=") => reps = Some(s[7..].parse()?),
                 s if s.starts_with("--out=") => out = PathBuf::from(&s[6..]),
+                s if s.starts_with("--ztunnel=") => ztunnel = Some(PathBuf::from(&s[10..])),
+                "--ztunnel" => {
+                    let p = args
+                        .next()
+                        .ok_or_else(|| anyhow!("--ztunnel needs a PATH"))?;
+                    ztunnel = Some(PathBuf::from(p));
+                }
                 "-h" | "--help" => {
                     println!("{USAGE}");
                     std::process::exit(0);
                 }
                 other => bail!("unknown argument {other} ({USAGE})"),
             }
+        }
+        if ztunnel.is_some() && (profile || kubernetes || ca) {
+            bail!("--ztunnel goes with the data-path benchmark only ({USAGE})");
         }
         Ok(if quick {
             Opts {
@@ -122,6 +147,7 @@ impl Opts {
                 kubernetes,
                 ca,
                 out,
+                ztunnel: ztunnel.clone(),
                 reps: reps.unwrap_or(3),
                 iperf_secs: 2,
                 rr_n: 5000,
@@ -134,6 +160,7 @@ impl Opts {
                 kubernetes,
                 ca,
                 out,
+                ztunnel: ztunnel.clone(),
                 // The Kubernetes benchmark's repetitions (churns, restarts) are long.
                 reps: reps.unwrap_or(if kubernetes { 3 } else { 5 }),
                 iperf_secs: 10,
@@ -151,11 +178,14 @@ enum PathKind {
     Peer,
     SameNodeDirect,
     SameNode,
+    Ztunnel,
 }
-const PATHS: [PathKind; 5] = [
+/// Every path, in the report's and the chart's order; [`Results::paths`] are those measured.
+const PATHS: [PathKind; 6] = [
     PathKind::Direct,
     PathKind::Mesh,
     PathKind::Peer,
+    PathKind::Ztunnel,
     PathKind::SameNodeDirect,
     PathKind::SameNode,
 ];
@@ -168,6 +198,7 @@ impl PathKind {
             PathKind::Peer => "stunnel peer",
             PathKind::SameNodeDirect => "direct same-node",
             PathKind::SameNode => "mesh same-node",
+            PathKind::Ztunnel => "ztunnel",
         }
     }
 }
@@ -228,11 +259,32 @@ struct Target<'a> {
     echo_port: u16,
 }
 
+/// What one run did besides its figures: for the proxies' cost per unit and the ztunnel check.
+#[derive(Debug)]
+struct Measured {
+    figures: Vec<(Figure, f64)>,
+    /// Application bytes moved (iperf3: received by the server; request/response and new
+    /// connections: both ways).
+    bytes: f64,
+    /// TCP connections the client opened.
+    connections: u64,
+}
+
 #[derive(Default)]
 struct Results {
+    /// The paths measured in this run, in [`PATHS`] order.
+    paths: Vec<PathKind>,
     figures: BTreeMap<(Figure, PathKind), Vec<f64>>,
     agents: BTreeMap<(Test, PathKind), Vec<Usage>>,
     stunnel: BTreeMap<(Test, PathKind), Vec<Usage>>,
+    ztunnel: BTreeMap<(Test, PathKind), Vec<Usage>>,
+    /// Per run of a cross-node tunnel path, its proxy pair's CPU cost per unit: CPU seconds per
+    /// GB moved for the throughput tests, CPU µs per connection for new connections.
+    cpu_cost: BTreeMap<(Test, PathKind), Vec<f64>>,
+    /// `ztunnel version`, when ztunnel was measured.
+    ztunnel_version: Option<String>,
+    /// Both ztunnels' totals at the end, when ztunnel was measured.
+    ztunnel_check: Option<String>,
     /// eBPF cost over the mesh path's new-connections runs.
     bpf: Option<bpf_stats::BpfCost>,
     /// Agent memory with many idle connections open.
@@ -243,6 +295,12 @@ struct Results {
 }
 
 fn main() -> ExitCode {
+    // A benchmark of its own, with its own arguments.
+    if std::env::args().nth(1).as_deref() == Some("--soak") {
+        return interrupt::run_main("mesh-bench", || {
+            soak::Params::parse(std::env::args().skip(2)).and_then(|p| soak::run(&p))
+        });
+    }
     interrupt::run_main("mesh-bench", || Opts::parse().and_then(|o| run(&o)))
 }
 
@@ -262,22 +320,31 @@ fn run(opts: &Opts) -> Result<()> {
     if opts.ca {
         return ca::run(opts);
     }
-    let cluster = Arc::new(
-        Cluster::builder()
-            .node(
-                NodeSpec::new("node-a")
-                    .pod(PodSpec::new("client"))
-                    .pod(PodSpec::new("plain-client").enrolled(false))
-                    .pod(PodSpec::new("local-server"))
-                    .pod(PodSpec::new("plain-local-server").enrolled(false)),
-            )
-            .node(
-                NodeSpec::new("node-b")
-                    .pod(PodSpec::new("server"))
-                    .pod(PodSpec::new("plain-server").enrolled(false)),
-            )
-            .build()?,
-    );
+    // The ztunnel binary is checked before anything is built.
+    let ztunnel_version = match &opts.ztunnel {
+        Some(bin) => {
+            ztunnel::check_iptables()?;
+            let v = ztunnel::version(bin)?;
+            eprintln!("mesh-bench: ztunnel {}: {v}", bin.display());
+            Some(v)
+        }
+        None => None,
+    };
+    let mut node_a = NodeSpec::new("node-a")
+        .pod(PodSpec::new("client"))
+        .pod(PodSpec::new("plain-client").enrolled(false))
+        .pod(PodSpec::new("local-server"))
+        .pod(PodSpec::new("plain-local-server").enrolled(false));
+    let mut node_b = NodeSpec::new("node-b")
+        .pod(PodSpec::new("server"))
+        .pod(PodSpec::new("plain-server").enrolled(false));
+    // Last on their nodes, so the other pods keep their addresses.
+    if opts.ztunnel.is_some() {
+        let (zt_client, zt_server) = ztunnel::pod_specs();
+        node_a = node_a.pod(zt_client);
+        node_b = node_b.pod(zt_server);
+    }
+    let cluster = Arc::new(Cluster::builder().node(node_a).node(node_b).build()?);
     interrupt::watch(&cluster);
     interrupt::check()?;
     cluster.start_agents()?;
@@ -294,13 +361,27 @@ fn run(opts: &Opts) -> Result<()> {
     let plain_server = cluster.pod("node-b", "plain-server")?;
     let local_server = cluster.pod("node-a", "local-server")?;
     let plain_local_server = cluster.pod("node-a", "plain-local-server")?;
+    let zt_pods = match opts.ztunnel {
+        Some(_) => Some((
+            cluster.pod("node-a", ztunnel::CLIENT_POD)?,
+            cluster.pod("node-b", ztunnel::SERVER_POD)?,
+        )),
+        None => None,
+    };
+    let paths: Vec<PathKind> = PATHS
+        .into_iter()
+        .filter(|&p| p != PathKind::Ztunnel || zt_pods.is_some())
+        .collect();
 
     let helper = cluster.workdir().join("mesh-bench.py");
     fs::write(&helper, HELPER).with_context(|| format!("write {}", helper.display()))?;
 
-    // Servers: iperf3 and the echo server in both server pods.
+    // Servers: iperf3 and the echo server in every server pod.
     let mut guards: Vec<ChildGuard> = Vec::new();
-    for pod in [server, plain_server, local_server, plain_local_server] {
+    let server_pods = [server, plain_server, local_server, plain_local_server]
+        .into_iter()
+        .chain(zt_pods.map(|(_, s)| s));
+    for pod in server_pods {
         let log = cluster.workdir().join(format!("{}-iperf3.log", pod.name()));
         // Through sh for the redirection: iperf3 prints some errors (e.g. about the
         // readiness probe's connection) to stderr even with --logfile.
@@ -327,6 +408,11 @@ fn run(opts: &Opts) -> Result<()> {
     }
     let stunnels = start_stunnel(&cluster, plain_client, plain_server)?;
     let stunnel_pids: Vec<u32> = stunnels.iter().map(ChildGuard::pid).collect();
+    let mut ztunnels = match (&opts.ztunnel, zt_pods) {
+        (Some(bin), Some((c, s))) => Some(Ztunnels::start(&cluster, bin, c, s)?),
+        _ => None,
+    };
+    let ztunnel_pids: Vec<u32> = ztunnels.as_ref().map_or_else(Vec::new, Ztunnels::pids);
 
     let target = |p: PathKind| match p {
         PathKind::Direct => Target {
@@ -359,13 +445,34 @@ fn run(opts: &Opts) -> Result<()> {
             iperf_port: IPERF_PORT,
             echo_port: ECHO_PORT,
         },
+        PathKind::Ztunnel => {
+            let (c, s) = zt_pods.expect("the ztunnel path is measured only with --ztunnel");
+            Target {
+                client: c,
+                host: s.ipv4().to_string(),
+                iperf_port: IPERF_PORT,
+                echo_port: ECHO_PORT,
+            }
+        }
     };
 
-    // Warm-up: every path works end to end (certificates issued, HBONE pool up).
-    for p in PATHS {
+    // Warm-up: every path works end to end (certificates issued, HBONE pool up); ztunnel's
+    // carried by both ztunnels with mutual TLS, or the benchmark stops here.
+    for &p in &paths {
         let t = target(p);
-        conn_rate(&t, &helper, 5).with_context(|| format!("warm-up of path {}", p.label()))?;
-        iperf(&t, 1, 1).with_context(|| format!("warm-up iperf3 of path {}", p.label()))?;
+        let zt_before = match &ztunnels {
+            Some(z) if p == PathKind::Ztunnel => Some(z.counters()?),
+            _ => None,
+        };
+        const WARM_UP_CONNS: usize = 5;
+        conn_rate(&t, &helper, WARM_UP_CONNS)
+            .with_context(|| format!("warm-up of path {}", p.label()))?;
+        let (_, bytes) =
+            iperf(&t, 1, 1).with_context(|| format!("warm-up iperf3 of path {}", p.label()))?;
+        if let (Some(z), Some(before)) = (ztunnels.as_mut(), zt_before) {
+            z.check_run(before, WARM_UP_CONNS as u64 + 2, bytes)
+                .context("warm-up of the ztunnel path")?;
+        }
     }
 
     let agent_pids = || -> Vec<u32> {
@@ -396,16 +503,24 @@ fn run(opts: &Opts) -> Result<()> {
         .map(|n| n.pin_dir().to_path_buf())
         .collect();
     let mut bpf = bpf_stats::Recorder::new(pin_dirs);
+    res.paths = paths.clone();
+    res.ztunnel_version = ztunnel_version;
     for rep in 0..opts.reps {
         for test in TESTS {
             // Rotate the path order between repetitions.
-            for k in 0..PATHS.len() {
+            for k in 0..paths.len() {
                 interrupt::check()?;
-                let path = PATHS[(k + rep) % PATHS.len()];
+                let path = paths[(k + rep) % paths.len()];
                 let t = target(path);
+                // Outside the measured window: scraping costs ztunnel a little CPU.
+                let zt_before = match &ztunnels {
+                    Some(z) if path == PathKind::Ztunnel => Some(z.counters()?),
+                    _ => None,
+                };
                 let apids = agent_pids();
                 let before_a = Snapshot::take(&apids);
                 let before_s = Snapshot::take(&stunnel_pids);
+                let before_z = Snapshot::take(&ztunnel_pids);
                 let out = if (test, path) == (Test::ConnRate, PathKind::Mesh) {
                     bpf.measure(opts.cr_n as u64, || run_test(test, &t, &helper, opts))
                 } else {
@@ -413,27 +528,51 @@ fn run(opts: &Opts) -> Result<()> {
                 };
                 let ua = before_a.usage();
                 let us = before_s.usage();
+                let uz = before_z.usage();
+                // Never a figure for a ztunnel run that did not go through both ztunnels.
+                if let (Some(z), Some(before), Ok(m)) = (ztunnels.as_mut(), zt_before, &out) {
+                    z.check_run(before, m.connections, m.bytes)
+                        .with_context(|| {
+                            format!("rep {} {} on the ztunnel path", rep + 1, test.label())
+                        })?;
+                }
                 match out {
-                    Ok(figs) => {
+                    Ok(m) => {
                         eprintln!(
-                            "rep {}/{} {:<32} {:<13} {}  agents {:.2} s CPU, {:.1} MiB; stunnel {:.2} s CPU",
+                            "rep {}/{} {:<32} {:<16} {}  agents {:.2} s CPU, {:.1} MiB; stunnel {:.2} s CPU{}",
                             rep + 1,
                             opts.reps,
                             test.label(),
                             path.label(),
-                            figs.iter()
+                            m.figures
+                                .iter()
                                 .map(|(f, v)| format!("{}={v:.1}", short(*f)))
                                 .collect::<Vec<_>>()
                                 .join(" "),
                             ua.cpu_s,
                             ua.peak_rss_mib,
-                            us.cpu_s
+                            us.cpu_s,
+                            if ztunnels.is_some() {
+                                format!("; ztunnel {:.2} s CPU", uz.cpu_s)
+                            } else {
+                                String::new()
+                            }
                         );
-                        for (f, v) in figs {
+                        let proxies = match path {
+                            PathKind::Mesh => Some(ua),
+                            PathKind::Peer => Some(us),
+                            PathKind::Ztunnel => Some(uz),
+                            _ => None,
+                        };
+                        if let Some(cost) = proxies.and_then(|u| cpu_cost(test, &m, u)) {
+                            res.cpu_cost.entry((test, path)).or_default().push(cost);
+                        }
+                        for (f, v) in m.figures {
                             res.figures.entry((f, path)).or_default().push(v);
                         }
                         res.agents.entry((test, path)).or_default().push(ua);
                         res.stunnel.entry((test, path)).or_default().push(us);
+                        res.ztunnel.entry((test, path)).or_default().push(uz);
                     }
                     Err(e) => {
                         let msg =
@@ -492,6 +631,12 @@ fn run(opts: &Opts) -> Result<()> {
         ));
     }
     record_bpf_cost(bpf, &mut res);
+    if let Some(z) = ztunnels.as_mut() {
+        z.check_alive()?;
+        let summary = z.summary()?;
+        eprintln!("mesh-bench: ztunnel check: {summary}");
+        res.ztunnel_check = Some(summary);
+    }
 
     interrupt::check()?;
     measure_idle_connections(
@@ -517,6 +662,7 @@ fn run(opts: &Opts) -> Result<()> {
             .push(format!("agents after the state-size measurement: {e:#}"));
     }
 
+    drop(ztunnels);
     drop(stunnels);
     drop(guards);
     let elapsed = started.elapsed();
@@ -635,23 +781,34 @@ fn chart_title(opts: &Opts) -> String {
     )
 }
 
-/// One row per figure: direct first (the baseline), then the other paths.
+/// One row per figure: direct first (the baseline), then the other paths measured.
 fn chart_rows(res: &Results) -> Vec<chart::ChartRow> {
+    let paths = &res.paths;
     FIGURES
         .iter()
         .map(|&f| chart::ChartRow {
             figure: f.label().to_owned(),
             lower_is_better: matches!(f, Figure::RrP50Us | Figure::RrP99Us),
-            values: PATHS
+            values: paths
                 .iter()
                 .map(|&p| (p.label().to_owned(), res.median(f, p)))
                 .collect(),
-            baselines: PATHS
+            baselines: paths
                 .iter()
-                .map(|&p| PATHS.iter().position(|&q| q == baseline_of(p)).unwrap_or(0))
+                .map(|&p| paths.iter().position(|&q| q == baseline_of(p)).unwrap_or(0))
                 .collect(),
         })
         .collect()
+}
+
+/// A proxy pair's CPU cost of one run: CPU seconds per GB moved (throughput tests) or CPU µs
+/// per new connection.
+fn cpu_cost(test: Test, m: &Measured, u: Usage) -> Option<f64> {
+    match test {
+        Test::Tput1 | Test::Tput8 if m.bytes > 0.0 => Some(u.cpu_s / (m.bytes / 1e9)),
+        Test::ConnRate if m.connections > 0 => Some(u.cpu_s * 1e6 / m.connections as f64),
+        _ => None,
+    }
 }
 
 /// The path a path's ratio is to: direct TCP between the same places.
@@ -671,20 +828,38 @@ fn short(f: Figure) -> &'static str {
     }
 }
 
-fn run_test(test: Test, t: &Target, helper: &Path, opts: &Opts) -> Result<Vec<(Figure, f64)>> {
+fn run_test(test: Test, t: &Target, helper: &Path, opts: &Opts) -> Result<Measured> {
+    let tput = |figure, streams| -> Result<Measured> {
+        let (bps, bytes) = iperf(t, streams, opts.iperf_secs)?;
+        Ok(Measured {
+            figures: vec![(figure, bps / 1e9)],
+            bytes,
+            // The control connection and one per stream.
+            connections: 1 + u64::from(streams),
+        })
+    };
     Ok(match test {
-        Test::Tput1 => vec![(Figure::Tput1Gbps, iperf(t, 1, opts.iperf_secs)? / 1e9)],
-        Test::Tput8 => vec![(Figure::Tput8Gbps, iperf(t, 8, opts.iperf_secs)? / 1e9)],
+        Test::Tput1 => tput(Figure::Tput1Gbps, 1)?,
+        Test::Tput8 => tput(Figure::Tput8Gbps, 8)?,
         Test::Rr => {
             let (p50, p99) = rr(t, helper, opts.rr_n)?;
-            vec![(Figure::RrP50Us, p50), (Figure::RrP99Us, p99)]
+            Measured {
+                figures: vec![(Figure::RrP50Us, p50), (Figure::RrP99Us, p99)],
+                // Without the helper's 50 warm-up exchanges: a lower bound.
+                bytes: 2.0 * 1024.0 * opts.rr_n as f64,
+                connections: 1,
+            }
         }
-        Test::ConnRate => vec![(Figure::ConnsPerS, conn_rate(t, helper, opts.cr_n)?)],
+        Test::ConnRate => Measured {
+            figures: vec![(Figure::ConnsPerS, conn_rate(t, helper, opts.cr_n)?)],
+            bytes: 2.0 * opts.cr_n as f64,
+            connections: opts.cr_n as u64,
+        },
     })
 }
 
-/// iperf3 client; received bits per second.
-fn iperf(t: &Target, streams: u32, secs: u32) -> Result<f64> {
+/// iperf3 client; (received bits per second, bytes received).
+fn iperf(t: &Target, streams: u32, secs: u32) -> Result<(f64, f64)> {
     let out = t.client.run(
         "iperf3",
         [
@@ -705,9 +880,12 @@ fn iperf(t: &Target, streams: u32, secs: u32) -> Result<f64> {
     if let Some(err) = json.get("error").and_then(Value::as_str) {
         bail!("iperf3: {err}");
     }
-    json.pointer("/end/sum_received/bits_per_second")
-        .and_then(Value::as_f64)
-        .ok_or_else(|| anyhow!("iperf3 JSON without end.sum_received.bits_per_second"))
+    let get = |k: &str| {
+        json.pointer(&format!("/end/sum_received/{k}"))
+            .and_then(Value::as_f64)
+            .ok_or_else(|| anyhow!("iperf3 JSON without end.sum_received.{k}"))
+    };
+    Ok((get("bits_per_second")?, get("bytes")?))
 }
 
 fn helper_json(t: &Target, helper: &Path, args: &[String], timeout: Duration) -> Result<Value> {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::bpf_stats::{BpfCost, MESH_PROGRAMS};
 use crate::idle::{IdleConnections, SETTLE};
 use crate::usage::Usage;
-use crate::{FIGURES, Figure, Opts, PATHS, PathKind, Results, TESTS, Test};
+use crate::{FIGURES, Figure, Opts, PathKind, Results, TESTS, Test};
 
 /// Targets of the benchmark issue, MiB.
 const IDLE_RSS_TARGET_MIB: f64 = 20.0;
@@ -124,30 +124,44 @@ pub fn report(opts: &Opts, res: &Results, check: &str, elapsed: Duration) -> Str
          (Python client).\n",
         opts.iperf_secs, opts.rr_n, opts.cr_n
     );
+    let zt = res.paths.contains(&PathKind::Ztunnel);
+    write_ztunnel_path(&mut s, opts, res);
 
     let m = |f: Figure, p: PathKind| res.median(f, p);
     let _ = writeln!(
         s,
-        "| figure | direct | mesh (cross-node) | stunnel peer | mesh / direct | \
-         stunnel / direct | mesh / stunnel |"
+        "| figure | direct | mesh (cross-node) | stunnel peer |{} mesh / direct | \
+         stunnel / direct |{} mesh / stunnel |{}",
+        if zt { " ztunnel |" } else { "" },
+        if zt { " ztunnel / direct |" } else { "" },
+        if zt { " mesh / ztunnel |" } else { "" }
     );
-    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(
+        s,
+        "|---|---:|---:|---:|---:|---:|---:|{}",
+        if zt { "---:|---:|---:|" } else { "" }
+    );
     for f in FIGURES {
-        let (d, me, pe) = (
+        let (d, me, pe, z) = (
             m(f, PathKind::Direct),
             m(f, PathKind::Mesh),
             m(f, PathKind::Peer),
+            m(f, PathKind::Ztunnel),
         );
+        let cell = |v: String| if zt { format!(" {v} |") } else { String::new() };
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} |{} {} | {} |{} {} |{}",
             f.label(),
             fmt_val(d),
             fmt_val(me),
             fmt_val(pe),
+            cell(fmt_val(z)),
             ratio(me, d),
             ratio(pe, d),
-            ratio(me, pe)
+            cell(ratio(z, d)),
+            ratio(me, pe),
+            cell(ratio(me, z))
         );
     }
 
@@ -183,8 +197,13 @@ pub fn report(opts: &Opts, res: &Results, check: &str, elapsed: Duration) -> Str
          mesh reuses the pooled HBONE connection between the agents (one HTTP/2 connection over \
          mutual TLS per source identity and destination workload: no TLS handshake per \
          connection) while stunnel makes one TLS handshake per connection; for the same reason \
-         the mesh's 8 iperf3 streams share one TLS connection, stunnel's use 8. On a small \
-         shared machine figures can vary between runs (see the raw values).\n"
+         the mesh's 8 iperf3 streams share one TLS connection, stunnel's use 8{}. On a small \
+         shared machine figures can vary between runs (see the raw values).\n",
+        if zt {
+            " (ztunnel pools its HBONE connections too, up to 100 streams on one)"
+        } else {
+            ""
+        }
     );
     let _ = writeln!(
         s,
@@ -192,14 +211,28 @@ pub fn report(opts: &Opts, res: &Results, check: &str, elapsed: Duration) -> Str
          nodes' `mesh-agent` processes (utime+stime from `/proc/<pid>/stat`, pids from the \
          nodes' agent cgroup `cgroup.procs`), and the larger of the two agents' peak RSS \
          (`VmHWM` of `/proc/<pid>/status`, reset through `clear_refs` before each run). \
-         Same for the two stunnel4 processes.\n"
+         Same for the two stunnel4 processes{}.\n",
+        if zt {
+            " and the two ztunnel processes (pids of the processes the benchmark started)"
+        } else {
+            ""
+        }
     );
     let _ = writeln!(
         s,
         "| test | mesh: agents CPU s | mesh: agent peak RSS MiB | stunnel: CPU s | \
-         stunnel: peak RSS MiB | mesh agents CPU / stunnel CPU | direct: agents CPU s |"
+         stunnel: peak RSS MiB | mesh agents CPU / stunnel CPU |{} direct: agents CPU s |",
+        if zt {
+            " ztunnel: CPU s | ztunnel: peak RSS MiB | mesh agents CPU / ztunnel CPU |"
+        } else {
+            ""
+        }
     );
-    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(
+        s,
+        "|---|---:|---:|---:|---:|---:|---:|{}",
+        if zt { "---:|---:|---:|" } else { "" }
+    );
     let um = |map: &BTreeMap<(Test, PathKind), Vec<Usage>>, t: Test, p: PathKind| {
         let v = map.get(&(t, p)).map_or(&[][..], |v| v);
         (
@@ -210,26 +243,33 @@ pub fn report(opts: &Opts, res: &Results, check: &str, elapsed: Duration) -> Str
     for t in TESTS {
         let (mc, mr) = um(&res.agents, t, PathKind::Mesh);
         let (sc, sr) = um(&res.stunnel, t, PathKind::Peer);
+        let (zc, zr) = um(&res.ztunnel, t, PathKind::Ztunnel);
         let (dc, _) = um(&res.agents, t, PathKind::Direct);
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} |{} {} |",
             t.label(),
             fmt_val(mc),
             fmt_val(mr),
             fmt_val(sc),
             fmt_val(sr),
             ratio(mc, sc),
+            if zt {
+                format!(" {} | {} | {} |", fmt_val(zc), fmt_val(zr), ratio(mc, zc))
+            } else {
+                String::new()
+            },
             fmt_val(dc)
         );
     }
 
+    write_cpu_cost(&mut s, res);
     write_bpf_cost(&mut s, res.bpf.as_ref());
     write_idle_connections(&mut s, res.idle.as_ref());
 
     let _ = writeln!(s, "\nRaw values per repetition:\n");
     for f in FIGURES {
-        for p in PATHS {
+        for &p in &res.paths {
             let v = res.figures.get(&(f, p)).cloned().unwrap_or_default();
             let _ = writeln!(
                 s,
@@ -244,6 +284,13 @@ pub fn report(opts: &Opts, res: &Results, check: &str, elapsed: Duration) -> Str
         }
     }
     let _ = writeln!(s, "\nMesh path check: {check}.");
+    if let Some(z) = &res.ztunnel_check {
+        let _ = writeln!(
+            s,
+            "\nztunnel path check (ztunnel's own counters, `:15020/metrics`; every run was \
+             checked the same way, before and after): {z}."
+        );
+    }
     crate::state_scale::write_report(&mut s, res.state_scale.as_ref());
     if !res.errors.is_empty() {
         let _ = writeln!(s, "\nErrors:\n");
@@ -257,6 +304,94 @@ pub fn report(opts: &Opts, res: &Results, check: &str, elapsed: Duration) -> Str
          in `profile.md` (`mesh-bench --profile`)."
     );
     s
+}
+
+/// How the ztunnel path was set up, or the one line saying it was not measured.
+fn write_ztunnel_path(s: &mut String, opts: &Opts, res: &Results) {
+    let Some(bin) = &opts.ztunnel else {
+        let _ = writeln!(
+            s,
+            "Istio's ztunnel was not measured in this run: add it with `cargo xtask bench \
+             --ztunnel PATH` (a ztunnel you built; docs/performance.md, \"ztunnel side by \
+             side\").\n"
+        );
+        return;
+    };
+    let threads = std::env::var("ZTUNNEL_WORKER_THREADS")
+        .map_or_else(|_| "its default".to_owned(), |v| format!("`{v}`"));
+    let _ = writeln!(
+        s,
+        "**ztunnel** = zt-client (node-a) → its own ztunnel → HBONE (mutual TLS, HTTP/2 \
+         CONNECT to :15008) → zt-server's ztunnel (node-b) → the same servers. Two more pods \
+         outside our mesh, one ztunnel each in the pod's netns: dedicated mode \
+         (`PROXY_MODE=dedicated`, `PROXY_WORKLOAD_INFO`), a local xDS file naming both \
+         workloads with protocol HBONE, its fake CA (`FAKE_CA=true`: both identities signed by \
+         ztunnel's test root, trust domain `cluster.local`), iptables REDIRECT of the pod's \
+         outbound TCP to 15001 and inbound to 15006 (all but 15008); worker threads: {threads}. \
+         Binary `{}` (`ztunnel version`: {}); every ztunnel run checked against both \
+         ztunnels' counters (mutual-TLS connections and bytes, expected peer identity).\n",
+        bin.display(),
+        res.ztunnel_version.as_deref().unwrap_or("?")
+    );
+}
+
+/// Each proxy pair's CPU per GB moved and per new connection.
+fn write_cpu_cost(s: &mut String, res: &Results) {
+    let zt = res.paths.contains(&PathKind::Ztunnel);
+    let _ = writeln!(s, "\n## CPU per byte and per connection\n");
+    let _ = writeln!(
+        s,
+        "Both proxies of a path together (both agents; both stunnel4; both ztunnels), per run: \
+         CPU seconds during a throughput run / (bytes iperf3's server received / 10^9), and CPU \
+         µs during a new-connections run / the connections it made; median over the \
+         repetitions. Lower is better.\n"
+    );
+    let cost = |t: Test, p: PathKind| median(res.cpu_cost.get(&(t, p)).map_or(&[][..], |v| v));
+    let mut rows = vec![
+        ("mesh (both agents)", PathKind::Mesh),
+        ("stunnel peer (both stunnel4)", PathKind::Peer),
+    ];
+    if zt {
+        rows.push(("ztunnel (both ztunnels)", PathKind::Ztunnel));
+    }
+    let _ = writeln!(
+        s,
+        "| proxies | CPU-s per GB, 1 stream | CPU-s per GB, 8 streams | CPU µs per new connection |"
+    );
+    let _ = writeln!(s, "|---|---:|---:|---:|");
+    let tests = [Test::Tput1, Test::Tput8, Test::ConnRate];
+    for (label, p) in &rows {
+        let cells: Vec<String> = tests.iter().map(|&t| fmt_val(cost(t, *p))).collect();
+        let _ = writeln!(s, "| {label} | {} |", cells.join(" | "));
+    }
+    let mut ratio_row = |label: &str, other: PathKind| {
+        let cells: Vec<String> = tests
+            .iter()
+            .map(|&t| ratio(cost(t, PathKind::Mesh), cost(t, other)))
+            .collect();
+        let _ = writeln!(s, "| {label} | {} |", cells.join(" | "));
+    };
+    ratio_row("mesh / stunnel", PathKind::Peer);
+    if zt {
+        ratio_row("mesh / ztunnel", PathKind::Ztunnel);
+        let _ = writeln!(
+            s,
+            "\n**CPU per GB, 1 stream: mesh {} s, ztunnel {} s ({}); per new connection: mesh {} \
+             µs, ztunnel {} µs ({}).**",
+            fmt_val(cost(Test::Tput1, PathKind::Mesh)),
+            fmt_val(cost(Test::Tput1, PathKind::Ztunnel)),
+            ratio(
+                cost(Test::Tput1, PathKind::Mesh),
+                cost(Test::Tput1, PathKind::Ztunnel)
+            ),
+            fmt_val(cost(Test::ConnRate, PathKind::Mesh)),
+            fmt_val(cost(Test::ConnRate, PathKind::Ztunnel)),
+            ratio(
+                cost(Test::ConnRate, PathKind::Mesh),
+                cost(Test::ConnRate, PathKind::Ztunnel)
+            )
+        );
+    }
 }
 
 pub fn mib(kib: u64) -> f64 {
