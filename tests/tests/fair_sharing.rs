@@ -34,19 +34,25 @@ resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 per_process = max(1, hard - 100)
 
 def flood(count):
-    socks, failed = [], 0
+    socks, failed, reset_early = [], 0, 0
     for _ in range(count):
         s = socket.socket()
         s.settimeout(5)
         try:
             s.connect((host, port))
-            s.sendall(b"x")
-            socks.append(s)
         except OSError:
             failed += 1
             s.close()
+            continue
+        try:
+            s.sendall(b"x")
+            socks.append(s)
+        except (ConnectionResetError, BrokenPipeError):
+            # The agent accepted and reset it before the byte went out.
+            reset_early += 1
+            s.close()
     time.sleep(3)
-    counts = {"alive": 0, "reset": 0, "closed": 0, "silent": 0, "connect_failed": failed}
+    counts = {"alive": 0, "reset": reset_early, "closed": 0, "silent": 0, "connect_failed": failed}
     for s in socks:
         try:
             got = s.recv(1, socket.MSG_DONTWAIT)
