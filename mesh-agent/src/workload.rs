@@ -247,11 +247,17 @@ pub struct LimitsConfig {
     /// Concurrent connections one workload may have through the agent: from a local workload,
     /// and to this node's workloads from one calling workload. Beyond it a connection is
     /// refused (`response_flags` `UO`).
-    #[serde(default = "default_connections_per_workload", deserialize_with = "at_least_one")]
+    #[serde(
+        default = "default_connections_per_workload",
+        deserialize_with = "at_least_one"
+    )]
     pub connections_per_workload: usize,
     /// HBONE TLS handshakes in progress for one workload: a local workload's connections wait
     /// for a turn, a calling workload's handshakes beyond it are refused.
-    #[serde(default = "default_handshakes_per_workload", deserialize_with = "at_least_one")]
+    #[serde(
+        default = "default_handshakes_per_workload",
+        deserialize_with = "at_least_one"
+    )]
     pub handshakes_per_workload: usize,
 }
 

@@ -193,7 +193,11 @@ impl ClusterBuilder {
     }
     /// `limits` of the cluster file: concurrent connections and HBONE handshakes per workload
     /// (default: the agent's, 16384 and 32).
-    pub fn limits(mut self, connections_per_workload: usize, handshakes_per_workload: usize) -> Self {
+    pub fn limits(
+        mut self,
+        connections_per_workload: usize,
+        handshakes_per_workload: usize,
+    ) -> Self {
         self.settings.limits = Some(FileLimits {
             connections_per_workload,
             handshakes_per_workload,

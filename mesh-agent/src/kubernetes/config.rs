@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::workload::{
-    DEFAULT_TRUST_DOMAIN, HboneConfig, IdentityConfig, LimitsConfig, Name, PolicyConfig, SameNodeConfig,
+    DEFAULT_TRUST_DOMAIN, HboneConfig, IdentityConfig, LimitsConfig, Name, PolicyConfig,
+    SameNodeConfig,
 };
 
 /// Where the kubelet puts pods' cgroups: its `--cgroup-root` and `--cgroup-driver`.

@@ -147,7 +147,10 @@ impl HboneClient {
             identities,
             bundle,
             idle_timeout,
-            spread: tokio::runtime::Handle::current().metrics().num_workers().max(1),
+            spread: tokio::runtime::Handle::current()
+                .metrics()
+                .num_workers()
+                .max(1),
         });
         tokio::spawn(close_idle_connections(Arc::downgrade(&client)));
         client

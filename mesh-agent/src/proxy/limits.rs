@@ -192,7 +192,10 @@ mod tests {
         assert!(limit.try_acquire().is_none(), "a third is over the limit");
         drop(a);
         assert_eq!(limit.held(), 1);
-        assert!(limit.try_acquire().is_some(), "room again once one is dropped");
+        assert!(
+            limit.try_acquire().is_some(),
+            "room again once one is dropped"
+        );
     }
 
     #[test]
@@ -207,7 +210,9 @@ mod tests {
             table.try_acquire(mapped).is_none(),
             "the IPv4-mapped form is the same peer"
         );
-        let theirs = table.try_acquire(other).expect("another peer is not affected");
+        let theirs = table
+            .try_acquire(other)
+            .expect("another peer is not affected");
         assert_eq!((table.held(noisy), table.peers()), (1, 2));
         drop((held, theirs));
         assert_eq!(table.peers(), 0, "entries go with their last permit");

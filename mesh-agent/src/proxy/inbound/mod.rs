@@ -44,8 +44,8 @@ use tracing::warn;
 use super::{
     Lifetime,
     hbone::HBONE_PORT,
-    record::{ByteMeter, ConnectionRecord, Connections, Direction, End, Ending, Facts, Security},
     limits::Limits,
+    record::{ByteMeter, ConnectionRecord, Connections, Direction, End, Ending, Facts, Security},
     relay::{ChunkRead, ChunkWrite, relay, tcp_halves},
 };
 use crate::{
